@@ -1,0 +1,87 @@
+"""Trial checkpoints: atomic writes and validated reads.
+
+A checkpoint is one ``torch.save`` file holding everything a trial needs to continue exactly where it
+stopped: ``model``, ``optimizer``, ``scheduler`` state dicts, ``epoch`` (epochs completed), ``rng`` states,
+``history`` (per-epoch metrics) and ``config`` (the ``TrainConfig`` as a dict, checked on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULT_FILE = "result.json"
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config")
+# Keys of the config that define a trial; a resume with other values is refused (a longer or differently
+# scheduled run is a different trial: the LR schedule depends on epochs). data_dir and device may change.
+IDENTITY_KEYS = ("arch", "bit", "power", "seed", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                 "schedule", "width", "train_subset")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, incomplete, or made for another trial."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
+    """Atomically write ``state`` to ``folder/checkpoint.pt`` and return the path."""
+    path = Path(folder) / CHECKPOINT_FILE
+    _atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    data = json.dumps(obj, indent=2, sort_keys=False).encode()
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Read ``folder/checkpoint.pt``; None if there is none.
+
+    Raises ``CheckpointError`` (one line: the file and what is wrong) when the file is unreadable, lacks a
+    key, or was written for a different trial than ``config`` (compared on ``IDENTITY_KEYS``).
+    """
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "delete it to start the trial afresh"
+        ) from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path}: not an apot checkpoint (missing {', '.join(missing)}); delete it")
+    if config is not None:
+        saved = state["config"]
+        diff = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})"
+                for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
+        if diff:
+            raise CheckpointError(
+                f"{path}: checkpoint belongs to another trial: {', '.join(diff)}; "
+                "use another output folder or delete the checkpoint"
+            )
+    return state

@@ -1,0 +1,166 @@
+"""The sweep on Ray: one Tune trial per grid point, each a Ray Train ``TorchTrainer`` (DDP) run.
+
+Ray Train V2 pattern (Ray >= 2.43): the Tune trainable is a plain function (``trial_driver``) that builds a
+``TorchTrainer`` and calls ``fit()``; ``TuneReportCallback`` forwards rank 0's per-epoch reports to Tune.
+Every name is deterministic, so a restarted trial's ``TorchTrainer`` finds its own latest checkpoint in
+``<experiment>/train/<trial>`` and continues from it.
+
+Storage layout of one experiment (``<storage>/<name>``)::
+
+    <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it)
+    train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
+    records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
+    sweep_config.json                      the resolved sweep config the experiment started with
+    results.json/.csv, tables.md, accuracy_vs_bits.png
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
+from apot.train import TrainConfig, run_trial, summarize
+
+GRID_KEYS = ("arch", "bit", "power", "seed")
+CHECKPOINTS_KEPT = 2
+
+
+def trial_name(point: dict[str, Any]) -> str:
+    """Deterministic, filesystem-safe name of a grid point, e.g. ``resnet18_b4_apot_s0``."""
+    quantizer = "apot" if point["power"] else "uniform"
+    return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
+
+
+def record_path(experiment: Path, point: dict[str, Any]) -> Path:
+    return Path(experiment) / "records" / f"{trial_name(point)}.json"
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A trial record, or None when absent or unreadable (a record is always rewritten atomically)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+# ---------------------------------------------------------------------------------------- Ray Train worker
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every DDP rank: resume from Ray's latest checkpoint, train, report each epoch with a checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    record_file = Path(loop_config["record_path"])
+    rank = ray.train.get_context().get_world_rank()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder), asdict(cfg))
+    startup_s = time.time() - loop_config["driver_started_at"]
+
+    def write_record(history: list[dict[str, Any]], state: str) -> None:
+        record = summarize(cfg, history)
+        record.update(state=state, startup_s=startup_s)
+        write_json(record, record_file)
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        if rank != 0:  # every rank reports (a barrier); only rank 0 carries the checkpoint
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="apot-ckpt-") as folder:
+            save_checkpoint(state, Path(folder))
+            write_record(state["history"], "RUNNING")
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint_epoch{metrics['epoch']:03d}",
+            )
+
+    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device())
+    if rank == 0:
+        write_record(result["history"], result["state"])
+
+
+# ---------------------------------------------------------------------------------------- Tune trainable
+def trial_driver(config: dict[str, Any]) -> None:
+    """The Tune trainable: one grid point -> one ``TorchTrainer`` run (resumed from its checkpoint if any).
+
+    ``config`` holds the grid keys (arch, bit, power, seed), ``train`` (TrainConfig fields) and ``run``
+    (experiment path, DDP workers, resources per worker).
+    """
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    started = time.time()
+    point = {k: config[k] for k in GRID_KEYS}
+    run = config["run"]
+    experiment = Path(run["experiment_path"])
+    cfg = TrainConfig.from_dict({**config["train"], **point})
+    rec_path = record_path(experiment, point)
+
+    done = read_record(rec_path)
+    if done and done["state"] == "TERMINATED" and done["config"] == asdict(cfg):
+        ray.tune.report(done["history"][-1])  # finished before a driver crash: never train twice
+        return
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run["workers_per_trial"],
+            use_gpu=run["gpus_per_worker"] > 0,
+            resources_per_worker={"CPU": run["cpus_per_worker"], "GPU": run["gpus_per_worker"]},
+            placement_strategy=run.get("placement_strategy", "PACK"),
+        ),
+        run_config=ray.train.RunConfig(
+            name=trial_name(point),
+            storage_path=str(experiment / "train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            # Retries live at the Tune level (one layer): a failed run fails the trial, Tune restarts it and
+            # this function builds the same-named trainer, which resumes from its latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        previous = read_record(rec_path) or summarize(cfg, [])
+        previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
+        write_json(previous, rec_path)
+        raise
+
+
+def param_space(grid: dict[str, list], train: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Tune's search space: a ``grid_search`` per grid key (their cross product), the rest fixed."""
+    from ray import tune
+
+    return {**{k: tune.grid_search(list(grid[k])) for k in GRID_KEYS}, "train": train, "run": run}
+
+
+def expected_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Every grid point in table order: arch, then bit as listed, then APoT before uniform, then seed."""
+    return [
+        {"arch": a, "bit": b, "power": p, "seed": s}
+        for a in grid["arch"] for b in grid["bit"] for p in grid["power"] for s in grid["seed"]
+    ]
+
+
+def collect_records(experiment: Path, grid: dict[str, list]) -> list[dict[str, Any]]:
+    """The records present in ``records/`` for the grid's points (absent points are the report's MISSING)."""
+    records = [read_record(record_path(experiment, point)) for point in expected_points(grid)]
+    return [r for r in records if r is not None]

@@ -1,0 +1,387 @@
+"""One trial: train a quantized ResNet on MNIST and measure it on the 10k test split.
+
+The same loop runs alone (``python -m apot.train``), under ``torchrun`` and inside a Ray Train worker
+(``apot.sweep``). Distribution is read from the environment: if a process group exists (Ray Train made one,
+or ``torchrun`` set ``WORLD_SIZE``), the model is wrapped in DDP and every count is all-reduced, so all ranks
+agree on every metric. What happens to a finished epoch (save a file, report to Ray) is the caller's
+``on_epoch`` callback; the loop itself only builds the checkpoint state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from apot.checkpoint import RESULT_FILE, CheckpointError, load_checkpoint, save_checkpoint, write_json
+from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
+from apot.models import create_model
+
+SCHEDULES = ("cosine", "step", "constant")
+
+# (metrics of the finished epoch, checkpoint state) -> None; called on every rank, rank 0 persists the state.
+EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a trial. Defaults are the seed's hyper-parameters.
+
+    Args:
+        batch_size: global batch, split evenly over the DDP ranks.
+        schedule: ``cosine`` (lr * (1 + cos(pi * e / E)) / 2 per epoch e of E), ``step`` (x0.1 at 50% and
+            75% of the epochs) or ``constant``.
+        train_subset: train on the first N training images (quick runs); the test split is always all 10k.
+        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    arch: str = "resnet18"
+    bit: int = 4
+    power: bool = True
+    seed: int = 0
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    width: int = 16
+    train_subset: int | None = None
+    data_dir: str = "./data"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: {self.epochs} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr: {self.lr} must be > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring keys that are not fields (e.g. a Ray trial's extra keys)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the (possibly trivial) process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Use the existing process group (Ray Train) or create one from torchrun's environment."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{info.local_rank % max(torch.cuda.device_count(), 1)}"
+    return torch.device(name)
+
+
+def _check_distinct_gpus(device: torch.device, info: DistInfo) -> None:
+    """NCCL cannot run two ranks of one group on one GPU; fail clearly instead of hanging or erroring deep."""
+    if device.type != "cuda" or not info.distributed:
+        return
+    uuids: list[Any] = [None] * info.world_size
+    dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(device).uuid))
+    if len(set(uuids)) < len(uuids):
+        raise RuntimeError(
+            f"two DDP ranks of this trial share a GPU ({uuids}); give each rank a whole GPU "
+            "(resources.gpus_per_worker >= 1) or use one worker per trial"
+        )
+
+
+def make_scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch LR multiplier for the three schedules (see ``TrainConfig``)."""
+    if schedule == "cosine":
+        factor = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
+    elif schedule == "step":
+        milestones = (epochs // 2, (3 * epochs) // 4)
+        factor = lambda e: 0.1 ** sum(e >= m for m in milestones)  # noqa: E731
+    else:
+        factor = lambda e: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mean_alpha(model: nn.Module, name: str) -> float | None:
+    values = [p.detach().float() for n, p in model.named_parameters() if n.endswith(name)]
+    return float(torch.stack(values).mean()) if values else None
+
+
+def _all_reduce(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    """Sum a few scalars over ranks (float64: exact for counts up to 2**53)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if info.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's BN running statistics.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step each rank holds its own
+    update; without this the ranks would score their test shards with slightly different models."""
+    if info.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def evaluate(model: nn.Module, data: DeviceMNIST, info: DistInfo, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean loss, accuracy in percent) over the full test split; each rank scores its shard."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for x, y in data.test_batches(info.rank, info.world_size, batch_size):
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += float((logits.argmax(1) == y).sum())
+            count += y.numel()
+    loss_sum, correct, count = _all_reduce([loss_sum, correct, count], data.device, info)
+    return loss_sum / count, 100.0 * correct / count
+
+
+def run_trial(
+    cfg: TrainConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    resume_state: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` from scratch or from ``resume_state`` (a checkpoint dict) and return the trial result.
+
+    After every epoch, every rank calls ``on_epoch(metrics, state)`` with the checkpoint dict ``state``
+    (references to the live tensors, not copies); by convention only rank 0 persists it. The result's ``final_test_acc`` is the last epoch's test accuracy: the tables'
+    number, with no model selection on the test set.
+    """
+    info = init_distributed(device.type if device is not None else resolve_device(cfg.device, DistInfo()).type)
+    device = device or resolve_device(cfg.device, info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    _check_distinct_gpus(device, info)
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {info.world_size} DDP ranks")
+    per_rank_batch = cfg.batch_size // info.world_size
+
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    data = DeviceMNIST.from_root(cfg.data_dir, device=device, train_subset=cfg.train_subset)
+    model = create_model(cfg.arch, cfg.bit, power=cfg.power, width=cfg.width).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        _set_rng_state(resume_state["rng"])
+        history = list(resume_state["history"])
+        start_epoch = int(resume_state["epoch"])
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if info.distributed else model
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for x, y in data.train_batches(epoch, cfg.seed, info.rank, info.world_size, per_rank_batch):
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # accumulate on the device: no host sync per step
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        loss_sum_, correct_, seen_ = _all_reduce([float(loss_sum), float(correct), float(seen)], device, info)
+        sched.step()
+        _sync_buffers(model, info)
+        test_loss, test_acc = evaluate(model, data, info)
+        best = max([h["test_acc"] for h in history] + [test_acc])
+        metrics = {
+            "epoch": epoch + 1,
+            "epochs": cfg.epochs,
+            "train_loss": loss_sum_ / seen_,
+            "train_acc": 100.0 * correct_ / seen_,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "best_test_acc": best,
+            "lr": lr,
+            "images_per_s": seen_ / train_s,
+            "epoch_s": time.perf_counter() - t0,
+            "weight_alpha_mean": _mean_alpha(model, "weight_alpha"),
+            "act_alpha_mean": _mean_alpha(model, "act_alpha"),
+        }
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch + 1,
+                "rng": _rng_state(),
+                "history": history,
+                "config": asdict(cfg),
+            })
+    return summarize(cfg, history)
+
+
+def summarize(cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial record (see docs/ARCHITECTURE.md) from the per-epoch history."""
+    done = len(history)
+    best = max(history, key=lambda h: h["test_acc"]) if history else None
+    return {
+        "arch": cfg.arch,
+        "bit": cfg.bit,
+        "power": cfg.power,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "state": "TERMINATED" if done == cfg.epochs else "INCOMPLETE",
+        "final_test_acc": history[-1]["test_acc"] if done == cfg.epochs else None,
+        "best_test_acc": best["test_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "final_train_acc": history[-1]["train_acc"] if history else None,
+        "epochs_done": done,
+        "wall_time_s": sum(h["epoch_s"] for h in history),
+        "error": None,
+        "history": history,
+    }
+
+
+def _format_epoch(m: dict[str, Any]) -> str:
+    return (
+        f"epoch {m['epoch']}/{m['epochs']}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%  "
+        f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  lr {m['lr']:.4g}  "
+        f"{m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f}s"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m apot.train", description="Train one quantized ResNet on MNIST.")
+    p.add_argument("--arch", default=d.arch)
+    p.add_argument("--bit", type=int, default=d.bit, help="2..6, or 32 for full precision")
+    p.add_argument("--power", choices=("apot", "uniform"), default="apot", help="quantizer")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt and result.json (resumes from it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        cfg = TrainConfig(
+            arch=args.arch, bit=args.bit, power=args.power == "apot", seed=args.seed, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+            schedule=args.schedule, width=args.width, train_subset=args.train_subset,
+            data_dir=str(resolve_data_dir(args.data_dir, None)), device=args.device,
+        )
+        resume = load_checkpoint(out, asdict(cfg))
+    except (ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(asdict(cfg), out / "config.json")
+        if resume is not None:
+            print(f"resuming {out / 'checkpoint.pt'} after epoch {resume['epoch']}", flush=True)
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        if is_main:
+            save_checkpoint(state, out)
+            print(_format_epoch(metrics), flush=True)
+
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume)
+    except (ValueError, MNISTDataError) as exc:  # bad input: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if is_main:
+        write_json(result, out / RESULT_FILE)
+        print(f"final test accuracy {result['final_test_acc']:.2f}% (best {result['best_test_acc']:.2f}% "
+              f"at epoch {result['best_epoch']}); result in {out / RESULT_FILE}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The trial loop: learning, checkpoints, kill-and-resume, DDP with two real gloo processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from apot.train import TrainConfig, make_scheduler, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(arch="resnet10", bit=4, width=8, batch_size=64)
+
+
+def _env() -> dict[str, str]:
+    # one thread per process: bitwise-reproducible CPU arithmetic, and no oversubscription on 2 cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(root: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "apot.train", "--arch", "resnet10", "--bit", "4", "--width", "8",
+            "--batch-size", "64", "--epochs", str(epochs), "--seed", "3", "--data-dir", str(root),
+            "--out", str(out), *extra]
+
+
+def test_short_run_learns_and_reports_every_epoch(synthetic_mnist_root: Path) -> None:
+    seen: list[dict] = []
+    cfg = TrainConfig(**SMALL, epochs=3, lr=0.05, data_dir=str(synthetic_mnist_root), device="cpu")
+    result = run_trial(cfg, on_epoch=lambda m, s: seen.append(m))
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    assert seen[-1]["train_loss"] < seen[0]["train_loss"]
+    assert result["final_test_acc"] == seen[-1]["test_acc"] > 50.0  # chance is 10%
+    assert result["state"] == "TERMINATED" and result["epochs_done"] == 3
+    assert result["best_test_acc"] == max(m["test_acc"] for m in seen)
+    for m in seen:
+        assert m["images_per_s"] > 0 and m["epoch_s"] > 0
+        assert m["weight_alpha_mean"] is not None and m["act_alpha_mean"] is not None
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("cosine", [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),  # 1, .854, .5, .146
+    ("step", [1.0, 1.0, 0.1, 0.01]),  # x0.1 at 50% and 75% of 4 epochs
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+])
+def test_schedules(schedule: str, expected: list[float]) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, schedule, epochs=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
+
+
+def test_kill_and_resume_equals_uninterrupted(synthetic_mnist_root: Path, tmp_path: Path) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(synthetic_mnist_root, full, 3), check=True, env=_env(), capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(synthetic_mnist_root, killed, 3), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the line is printed right after epoch 1's checkpoint is on disk
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed)["epoch"] in (1, 2)
+    assert not (killed / "result.json").exists()
+
+    resumed = subprocess.run(_train_cmd(synthetic_mnist_root, killed, 3), check=True, env=_env(),
+                             capture_output=True, text=True)
+    assert "resuming" in resumed.stdout
+
+    a, b = load_checkpoint(full), load_checkpoint(killed)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
+    assert json.loads((killed / "result.json").read_text())["final_test_acc"] == a["history"][-1]["test_acc"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_trial(synthetic_mnist_root: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(**SMALL, epochs=1, data_dir=str(synthetic_mnist_root), device="cpu")
+    state = {}
+    run_trial(cfg, on_epoch=lambda m, s: state.update(s))
+    save_checkpoint(state, tmp_path)
+    other = {**state["config"], "bit": 2}
+    with pytest.raises(CheckpointError, match=r"another trial: bit=4 \(this run: 2\)"):
+        load_checkpoint(tmp_path, other)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint"):
+        load_checkpoint(tmp_path, state["config"])
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(_train_cmd(tmp_path / "nowhere", tmp_path / "out", 1), env=_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "train-images-idx3-ubyte" in r.stderr and "python -m apot.data fetch" in r.stderr
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from apot.train import TrainConfig, run_trial
+    cfg = TrainConfig(arch="resnet10", bit=3, width=8, batch_size=64, epochs=2, data_dir=sys.argv[1], device="cpu")
+    seen = []
+    def on_epoch(metrics, state):
+        seen.append(metrics)
+        on_epoch.model = {k: v.clone() for k, v in state["model"].items()}
+    result = run_trial(cfg, on_epoch=on_epoch)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.save({"model": on_epoch.model, "metrics": seen, "world": world}, f"{sys.argv[2]}/rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_gloo_ranks_agree(synthetic_mnist_root: Path, tmp_path: Path) -> None:
+    script = tmp_path / "ddp_trial.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*torchrun, str(script), str(synthetic_mnist_root), str(tmp_path)], check=True, env=_env(),
+                   capture_output=True, timeout=240, cwd=REPO)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    for key, tensor in r0["model"].items():
+        assert torch.equal(tensor, r1["model"][key]), key
+    timing = ("images_per_s", "epoch_s")  # each rank times itself; everything else is all-reduced
+    assert [{k: v for k, v in m.items() if k not in timing} for m in r0["metrics"]] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in r1["metrics"]]
+    # every test image counted once across the two ranks: accuracy is a multiple of 100/256
+    n_test = 256
+    for m in r0["metrics"]:
+        assert round(m["test_acc"] * n_test / 100, 6).is_integer()

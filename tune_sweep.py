@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Run the APoT / uniform quantization sweep on Ray Tune and write both accuracy tables.
+
+    python tune_sweep.py                      # embedded local Ray, the 24 trials of search_space.yaml
+    python tune_sweep.py --quick              # same grid, a few epochs on a subset (~10 min on 2 cores)
+    python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
+    python tune_sweep.py --resume             # continue an interrupted sweep
+    python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
+
+Flow: search_space.yaml -> apot.config (validated before Ray starts) -> apot.sweep (one Tune trial per grid
+point, each a TorchTrainer DDP run) -> records/<trial>.json -> apot.report (results.json/csv, tables.md, PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from apot import report
+from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources
+from apot.data import MNISTDataError, ensure_mnist
+from apot.sweep import collect_records, expected_points, param_space, trial_driver, trial_name
+
+SAVED_CONFIG = "sweep_config.json"
+# What defines the trials: a resumed sweep must have the same; resources and retries may change.
+TRIAL_DEFINING_KEYS = ("grid", "train", "data_dir")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="search_space.yaml", help="sweep definition (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="apply the config's quick: section (a short demo)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in storage")
+    p.add_argument("--storage", default=None, help="override the config's storage folder")
+    p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
+    p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
+    p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
+    p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
+                   help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
+    """Refuse to resume a sweep with a different grid or training setup than it started with."""
+    saved_file = experiment / SAVED_CONFIG
+    if not saved_file.exists():
+        return
+    saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+    for key in TRIAL_DEFINING_KEYS:
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"--resume: {key} differs from the sweep stored at {experiment} "
+                f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
+                "or start a new sweep with --set name=<new name>"
+            )
+
+
+def hardware_summary() -> str:
+    """One line: CPU model and cores of this host, GPUs the cluster has (from Ray)."""
+    import ray
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    res = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    gpus = int(res.get("GPU", 0))
+    text = f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"
+    if gpus:
+        import torch
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+        text += f", {gpus} x {name}"
+    return text
+
+
+def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {
+        "quick": cfg.quick,
+        "epochs": cfg.train["epochs"],
+        "train_subset": cfg.train.get("train_subset"),
+        "seeds": list(cfg.grid["seed"]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "wall_time_s": round(time.time() - started, 1),
+        **extra,
+    }
+
+
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> dict[str, Any]:
+    """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
+    import ray
+    from ray import tune
+
+    from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback
+
+    os.environ.update(QUIET_RAY_ENV)
+    t0 = time.time()
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
+             configure_logging=True)
+    ray_init_s = time.time() - t0
+    concurrency = check_resources(cfg, ray.cluster_resources())
+    hardware = hardware_summary()
+
+    run = {
+        "experiment_path": str(experiment),
+        "workers_per_trial": cfg.resources.workers_per_trial,
+        "cpus_per_worker": cfg.resources.cpus_per_worker,
+        "gpus_per_worker": cfg.resources.gpus_per_worker,
+        "placement_strategy": cfg.resources.placement_strategy,
+    }
+    train = {**cfg.train, "data_dir": str(Path(cfg.data_dir).resolve())}
+    # The trial driver only waits on its TorchTrainer: it holds no CPU, so workers get all of them.
+    trainable = tune.with_resources(trial_driver, {"CPU": 0})
+
+    progress = SweepProgress(mode=args.display, concurrency=concurrency)
+    progress.add_trials(expected_points(cfg.grid), epochs=cfg.train["epochs"], name_fn=trial_name)
+    for record in collect_records(experiment, cfg.grid):
+        progress.mark_record(record)
+    callbacks = [TuneDisplayCallback(progress)]
+
+    if args.resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        experiment.mkdir(parents=True, exist_ok=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg.grid, train, run),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                        trial_dirname_creator=lambda t: trial_name(t.config),
+                                        trial_name_creator=lambda t: trial_name(t.config)),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=str(Path(cfg.storage).resolve()),
+                failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    # Tuner.restore keeps the stored RunConfig; callbacks are not stored, so give them again.
+    tuner._local_tuner._run_config.callbacks = callbacks
+    with progress:
+        tuner.fit()
+    return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    try:
+        cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
+                          storage=args.storage, data_dir=args.data_dir)
+        experiment = Path(cfg.storage).resolve() / cfg.name
+        if not args.report_only:
+            ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
+            if args.resume:
+                check_resume_matches(cfg, experiment)
+            elif (experiment / SAVED_CONFIG).exists():
+                raise ConfigError(f"a sweep already exists at {experiment}: pass --resume to continue it, "
+                                  "or --set name=<new name> / --storage DIR to start another")
+            if args.address is None:
+                check_resources(cfg, local_resources())
+    except (ConfigError, MNISTDataError) as exc:
+        return fail(str(exc))
+
+    extra: dict[str, Any] = {}
+    if not args.report_only:
+        experiment.mkdir(parents=True, exist_ok=True)
+        (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
+        try:
+            extra = run_sweep(cfg, args, experiment)
+        except ConfigError as exc:
+            return fail(str(exc))
+    elif not experiment.exists():
+        return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
+
+    records = collect_records(experiment, cfg.grid)
+    prov = provenance(cfg, started, extra) if not args.report_only else _stored_provenance(experiment, cfg)
+    paths = report.write_results(records, experiment, prov, expected=expected_points(cfg.grid))
+    tables = paths["tables.md"].read_text()
+    print(tables)
+    print(f"results in {experiment}")
+    if args.update_readme:
+        report.update_readme(Path(__file__).with_name("README.md"), tables, prov)
+    finished = sum(r["state"] == "TERMINATED" for r in records)
+    return 0 if finished == len(expected_points(cfg.grid)) else 1
+
+
+def _stored_provenance(experiment: Path, cfg: SweepConfig) -> dict[str, Any]:
+    """A --report-only rebuild keeps how the numbers were made (the stored provenance), not how it was called."""
+    try:
+        _, prov = report.load_results(experiment)
+        return prov
+    except Exception:
+        return {"quick": cfg.quick, "epochs": cfg.train["epochs"], "seeds": list(cfg.grid["seed"]),
+                "command": "unknown (rebuilt with --report-only; no stored results.json)"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,8 @@ from typing import Any
 from apot import report
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources
 from apot.data import MNISTDataError, ensure_mnist
-from apot.sweep import collect_records, expected_points, param_space, trial_driver, trial_name
+from apot.config import trial_name
+from apot.sweep import collect_records, expected_points, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
@@ -136,17 +137,20 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
         "placement_strategy": cfg.resources.placement_strategy,
     }
     train = {**cfg.train, "data_dir": str(Path(cfg.data_dir).resolve())}
-    # The trial driver only waits on its TorchTrainer: it holds no CPU, so workers get all of them.
-    trainable = tune.with_resources(trial_driver, {"CPU": 0})
+    # The trial driver only waits on its TorchTrainer: it holds no CPU, so workers get all of them. (Ray
+    # drops zero-valued resources and refuses an empty request; one byte of memory keeps it non-empty.)
+    trainable = tune.with_resources(trial_driver, {"CPU": 0, "memory": 1})
 
     progress = SweepProgress(mode=args.display, concurrency=concurrency)
     progress.add_trials(expected_points(cfg.grid), epochs=cfg.train["epochs"], name_fn=trial_name)
     for record in collect_records(experiment, cfg.grid):
         progress.mark_record(record)
-    callbacks = [TuneDisplayCallback(progress)]
 
     if args.resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        # Tune pickles the RunConfig with the experiment; the display callback pickles to a no-op (it holds a
+        # live console), so a restored sweep gets a fresh one. Tuner.restore has no callbacks argument.
+        tuner._local_tuner.get_run_config().callbacks = [TuneDisplayCallback(progress)]
     else:
         experiment.mkdir(parents=True, exist_ok=True)
         tuner = tune.Tuner(
@@ -159,12 +163,10 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
                 name=cfg.name,
                 storage_path=str(Path(cfg.storage).resolve()),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
-                callbacks=callbacks,
+                callbacks=[TuneDisplayCallback(progress)],
                 verbose=0,
             ),
         )
-    # Tuner.restore keeps the stored RunConfig; callbacks are not stored, so give them again.
-    tuner._local_tuner._run_config.callbacks = callbacks
     with progress:
         tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}

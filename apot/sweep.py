@@ -25,16 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
+from apot.config import trial_name
 from apot.train import TrainConfig, run_trial, summarize
 
 GRID_KEYS = ("arch", "bit", "power", "seed")
 CHECKPOINTS_KEPT = 2
-
-
-def trial_name(point: dict[str, Any]) -> str:
-    """Deterministic, filesystem-safe name of a grid point, e.g. ``resnet18_b4_apot_s0``."""
-    quantizer = "apot" if point["power"] else "uniform"
-    return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:

@@ -58,7 +58,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "cosine"
+    schedule: str = "step"
     width: int = 16
     train_subset: int | None = None
     data_dir: str = "./data"

@@ -1,0 +1,298 @@
+"""APoT and uniform quantizers: level sets, nearest-level projection, custom autograd.
+
+Everything is in units of a learnable clipping threshold alpha, so the largest level is 1. A quantizer maps
+a real tensor ``t`` to ``alpha * P(u)`` with ``u = t / alpha`` and ``P`` the projection onto the nearest
+level of a fixed set (Li, Dong and Wang, "Additive Powers-of-Two Quantization", ICLR 2020).
+
+Public pieces:
+    ``levels``        the sorted level set of a bit width and quantizer (APoT or uniform, signed or not)
+    ``midpoints``     the decision boundaries between consecutive levels
+    ``project``       nearest-level projection (``torch.bucketize`` on the midpoints; no levels x elements)
+    ``lookup_table`` / ``project_table``   the same projection through a lookup table, 2-3x faster on CPU
+    ``nearest_level`` the projection the quantizers call (the table when given one, else ``project``)
+    ``WeightQuantFn`` / ``ActQuantFn``   the custom autograd of the weight and activation quantizers
+    ``quantize_weight`` / ``quantize_activation`` / ``quantize_8bit``   the functions the layers call
+    ``QuantConfig``   (bit, power), validated at construction
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 32)
+"""Bit widths a model can be built with; 32 means full precision (no quantization)."""
+
+FULL_PRECISION = 32
+LEVEL_BITS: tuple[int, ...] = tuple(b for b in SUPPORTED_BITS if b != FULL_PRECISION)
+"""Bit widths that have a level set."""
+
+WEIGHT_ALPHA_INIT = 3.0
+"""Initial clipping threshold of the (standardised) weights."""
+ACT_ALPHA_INIT = 8.0
+"""Initial clipping threshold of the (post-ReLU) activations."""
+
+# APoT base sets of the unsigned b-bit level set, as exponents k of 2**-k; every set also holds 0.
+# A level is one term from each set summed, then everything is divided by the largest sum.
+_APOT_EXPONENTS: dict[int, tuple[tuple[int, ...], ...]] = {
+    2: ((1, 2, 3),),
+    3: ((1, 2, 4), (3,)),
+    4: ((1, 3, 5), (2, 4, 6)),
+    5: ((1, 3, 6), (2, 4, 7), (5,)),
+    6: ((1, 4, 7), (2, 5, 8), (3, 6, 9)),
+}
+
+
+def _check_bit(bit: int, allowed: tuple[int, ...]) -> None:
+    if isinstance(bit, bool) or not isinstance(bit, int) or bit not in allowed:
+        raise ValueError(f"bit must be one of {allowed}, got {bit!r}")
+
+
+def _magnitudes(bit: int, power: bool) -> list[float]:
+    """Unsigned level values (float64 Python floats) of a ``bit``-bit quantizer, ``bit`` in 1..6.
+
+    One bit is {0, 1} for both quantizers (the reference's uniform 1-bit magnitude).
+    """
+    if bit == 1 or not power:
+        steps = 2**bit - 1
+        return [k / steps for k in range(steps + 1)]
+    bases = [[0.0] + [2.0**-k for k in exps] for exps in _APOT_EXPONENTS[bit]]
+    sums = sorted({sum(terms) for terms in itertools.product(*bases)})
+    return [s / sums[-1] for s in sums]
+
+
+def levels(bit: int, power: bool = True, signed: bool = False) -> torch.Tensor:
+    """The sorted level set of a ``bit``-bit quantizer, in units of alpha (float32, 1-D, max 1).
+
+    Args:
+        bit: bit width, one of 2..6.
+        power: True for APoT (sums of powers of two), False for uniform.
+        signed: False for activations (levels in [0, 1], ``2**bit`` of them); True for weights: the sign
+            and the ``bit - 1``-bit magnitude set (levels in [-1, 1], ``2**bit - 1`` of them). 2-bit
+            weights are ternary {-1, 0, 1} for both quantizers.
+
+    APoT b-bit activations: every sum of one term from each base set of ``_APOT_EXPONENTS[b]`` (0
+    included), divided by the largest sum; uniform: k / (2**b - 1). Uniform weights: ±k / (2**(b-1) - 1).
+    """
+    _check_bit(bit, LEVEL_BITS)
+    mags = _magnitudes(bit - 1 if signed else bit, power)
+    values = sorted({-m for m in mags if m > 0} | set(mags)) if signed else mags
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32)
+
+
+def midpoints(level_set: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decision boundaries of ``project``: the midpoints of consecutive levels, as ``dtype``.
+
+    The exact midpoint (computed in float64, exact for float32 levels) is rounded DOWN to ``dtype`` where
+    it is not representable, so for every ``u`` of that dtype ``u <= bound[i]`` holds exactly when ``u`` is
+    no farther from level ``i`` than from level ``i + 1``.
+    """
+    dtype = level_set.dtype if dtype is None else dtype
+    wide = level_set.to(torch.float64)
+    exact = (wide[1:] + wide[:-1]) / 2
+    bounds = exact.to(dtype)
+    lower = torch.nextafter(bounds, torch.full_like(bounds, float("-inf")))
+    return torch.where(bounds.to(torch.float64) > exact, lower, bounds)
+
+
+def project(u: torch.Tensor, level_set: torch.Tensor, bounds: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest level of ``level_set`` (sorted, 1-D) for every element of ``u``; ties go to the LOWER level.
+
+    Equal to ``level_set[argmin_l |u - l|]`` with argmin taking the first minimum, but computed with
+    ``torch.bucketize`` on the midpoints of consecutive levels: O(elements * log(levels)) time and no
+    (levels x elements) temporary. Values beyond the extreme levels map to them, so with levels spanning
+    [-1, 1] (or [0, 1]) ``project(u) == project(clip(u))``.
+
+    Args:
+        u: any shape, floating point.
+        level_set: sorted 1-D levels.
+        bounds: ``midpoints(level_set, u.dtype)`` if already at hand.
+    """
+    if bounds is None or bounds.dtype != u.dtype or bounds.device != u.device:
+        bounds = midpoints(level_set.to(u.device), u.dtype)
+    index = torch.bucketize(u, bounds)  # right=False: u == bounds[i] -> i, the lower level
+    return level_set.to(u.dtype)[index]
+
+
+_MAX_TABLE_SCALE = 2**16
+
+
+def lookup_table(level_set: torch.Tensor) -> torch.Tensor:
+    """Lookup table of ``project_table``, an exact and faster ``project`` for levels within [-1, 1].
+
+    The range [-1, 1) is cut into n = 2S bins of width 1/S, S the smallest power of two that leaves at most
+    one midpoint (``midpoints``) per bin. For bin k, column k holds: row 0 the midpoint inside the bin (+inf
+    if none), row 1 the nearest level of the bin's points up to that midpoint, row 2 of those above it.
+    Shape (3, n), dtype of ``level_set``.
+    """
+    if level_set.numel() < 2 or level_set.min() < -1 or level_set.max() > 1:
+        raise ValueError("lookup_table needs at least two levels, all within [-1, 1]")
+    device, level_set = level_set.device, level_set.cpu()  # built once, on the CPU
+    bounds = midpoints(level_set)
+    wide = bounds.to(torch.float64)
+    scale = 1
+    while torch.unique(torch.floor(wide * scale)).numel() < bounds.numel():
+        scale *= 2
+        if scale > _MAX_TABLE_SCALE:
+            raise ValueError("levels too close together for a lookup table; use project()")
+    left = torch.arange(-scale, scale, dtype=torch.float64) / scale  # bin k is [left[k], left[k] + 1/S)
+    below = torch.bucketize(left, wide)  # #midpoints < left[k]: the nearest level at the bin's left edge
+    table = torch.full((3, 2 * scale), float("inf"), dtype=level_set.dtype)
+    table[0, (torch.floor(wide * scale) + scale).long()] = bounds
+    table[1] = level_set[below]
+    table[2] = level_set[(below + 1).clamp(max=level_set.numel() - 1)]
+    return table.to(device)
+
+
+def project_table(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``project(u, level_set)`` through ``table = lookup_table(level_set)``; the same values, bit for bit.
+
+    Bin k = floor(u * S) + S (exact: S is a power of two; clamped to the table), then one gather of the bin's
+    midpoint, one compare, one gather of the level: a few cheap passes instead of a binary search per
+    element. Needs ``u.dtype == table.dtype`` (the midpoints are rounded for that dtype). NaN maps to the
+    level at -1 (or 0).
+    """
+    bins = table.shape[1]
+    scale = bins // 2
+    flat = u.reshape(-1)
+    k = (flat * scale).floor_().add_(scale).clamp_(0, bins - 1).nan_to_num_(0).int()
+    k.add_(flat > table[0].index_select(0, k), alpha=bins)  # column k of row 1, or of row 2 if above
+    return table[1:].reshape(-1).index_select(0, k).reshape(u.shape)
+
+
+def nearest_level(
+    u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The projection the quantizers use: ``project_table`` when a table of ``u``'s dtype is given (the
+    layers keep one per level set), else ``project``. Both give the same values."""
+    if table is not None and table.dtype == u.dtype and table.device == u.device:
+        return project_table(u, table)
+    return project(u, level_set)
+
+
+def _keep_within(t: torch.Tensor, u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """t * [low <= u <= high] in one fused pass, without a boolean mask.
+
+    ``aten.hardtanh_backward(t, u, a, b)`` keeps t where a < u < b (strictly); a and b are moved one float
+    outwards so that the bounds themselves are kept.
+    """
+    eps = torch.finfo(u.dtype).eps
+    return torch.ops.aten.hardtanh_backward(t, u, low * (1 + eps), high * (1 + eps))
+
+
+class WeightQuantFn(torch.autograd.Function):
+    """Weight quantizer: standardise, then project, with the paper's calibrated (unclipped) gradient.
+
+    forward:  w' = (w - mean(w)) / std(w)    (mean and unbiased std: constants to autograd)
+              u = w' / alpha;  out = alpha * P(clip(u, -1, 1))   (P: nearest signed level)
+    backward: dL/dw' = g (not clipped), so dL/dw = g / std(w)
+              dL/dalpha = sum g * (sign(u) [|u| > 1] + (P(u) - u) [|u| <= 1])
+    ``table`` (optional): ``lookup_table(level_set)``, to project faster.
+    """
+
+    @staticmethod
+    def forward(ctx, w, alpha, level_set, table):
+        centred = w - w.mean()
+        flat = centred.reshape(-1)
+        std = (torch.dot(flat, flat) / (flat.numel() - 1)).sqrt()  # two-pass; faster than torch.std on CPU
+        u = centred.div_(std * alpha)  # w' / alpha
+        q = nearest_level(u, level_set, table)  # the levels span [-1, 1], so P(u) == P(clip(u))
+        ctx.save_for_backward(u, q, std)
+        ctx.alpha_shape = alpha.shape
+        return q * alpha
+
+    @staticmethod
+    def backward(ctx, g):
+        u, q, std = ctx.saved_tensors
+        grad_w = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_w = g / std
+        if ctx.needs_input_grad[1]:
+            slope = q - _keep_within(u, u, -1.0, 1.0)  # q == sign(u) where |u| > 1
+            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+        return grad_w, grad_alpha, None, None
+
+
+class ActQuantFn(torch.autograd.Function):
+    """Quantizer of a post-ReLU activation ``x``.
+
+    forward:  u = x / alpha;  out = alpha * P(min(u, 1))   (P: nearest unsigned level)
+    backward: dL/dx = g [u <= 1]
+              dL/dalpha = sum g * ([u > 1] + (P(u) - u) [u <= 1])
+    ``table`` (optional): ``lookup_table(level_set)``, to project faster.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, level_set, table):
+        u = x / alpha
+        q = nearest_level(u, level_set, table)  # the levels span [0, 1], so P(u) == P(min(u, 1))
+        ctx.save_for_backward(u, q)
+        ctx.alpha_shape = alpha.shape
+        return q * alpha
+
+    @staticmethod
+    def backward(ctx, g):
+        u, q = ctx.saved_tensors
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _keep_within(g, u, float("-inf"), 1.0)
+        if ctx.needs_input_grad[1]:
+            slope = q - _keep_within(u, u, float("-inf"), 1.0)  # q == 1 where u > 1
+            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+        return grad_x, grad_alpha, None, None
+
+
+def quantize_weight(
+    w: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """alpha * P(clip(w' / alpha, -1, 1)) with w' = (w - mean(w)) / std(w) (see ``WeightQuantFn``)."""
+    return WeightQuantFn.apply(w, alpha, level_set, table)
+
+
+def quantize_activation(
+    x: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """alpha * P(min(x / alpha, 1)) of a post-ReLU activation (see ``ActQuantFn``)."""
+    return ActQuantFn.apply(x, alpha, level_set, table)
+
+
+def quantize_8bit(w: torch.Tensor) -> torch.Tensor:
+    """8-bit weights of the first and last layers, straight-through gradient (dL/dw = g).
+
+    w_q = round(w / m * 127) / 127 * m with m = max(w) (the maximum, not the absolute maximum, as the
+    reference; m == 0 is replaced by 1 to avoid 0/0). Returns w + (w_q - w).detach().
+    """
+    with torch.no_grad():
+        m = w.max()
+        m = torch.where(m == 0, torch.ones_like(m), m)
+        w_q = (w / m * 127).round() / 127 * m
+    return w + (w_q - w.detach())
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a layer quantizes: ``bit`` in ``SUPPORTED_BITS`` (32 = full precision), ``power`` True for
+    APoT and False for uniform. Validated at construction."""
+
+    bit: int = FULL_PRECISION
+    power: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bit(self.bit, SUPPORTED_BITS)
+        if not isinstance(self.power, bool):
+            raise ValueError(f"power must be a bool, got {self.power!r}")
+
+    @property
+    def full_precision(self) -> bool:
+        """True when nothing is quantized (bit 32)."""
+        return self.bit == FULL_PRECISION
+
+    def weight_levels(self) -> torch.Tensor:
+        """Signed level set of the weights (``levels(bit, power, signed=True)``)."""
+        return levels(self.bit, self.power, signed=True)
+
+    def act_levels(self) -> torch.Tensor:
+        """Unsigned level set of the activations (``levels(bit, power, signed=False)``)."""
+        return levels(self.bit, self.power, signed=False)

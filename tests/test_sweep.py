@@ -1,0 +1,145 @@
+"""tune_sweep.py end to end through a real local Ray (started by the CLI the test runs), on synthetic IDX data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "grid.arch=[resnet10]", "--set", "grid.bit=[4,2]", "--set", "train.epochs=2",
+        "--set", "train.width=8", "--set", "train.batch_size=64", "--set", "max_retries=0"]
+
+
+def sweep_cmd(data: Path, storage: Path, *extra: str) -> list[str]:
+    return [sys.executable, "tune_sweep.py", "--data-dir", str(data), "--storage", str(storage),
+            "--display", "plain", *TINY, *extra]
+
+
+def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows(table_md: str, heading: str) -> list[list[str]]:
+    """The body rows of the Markdown table under ``heading``."""
+    section = table_md.split(heading, 1)[1].split("###", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")][2:]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist_root: Path) -> Path:
+    """A 2x2 grid (bits 4, 2 x APoT, uniform), 2 DDP workers per trial on CPU, run to completion."""
+    storage = tmp_path_factory.mktemp("sweep")
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, storage, "--set", "resources.workers_per_trial=2"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stdout
+    return storage / "apot_mnist"
+
+
+def test_sweep_writes_records_tables_csv_png(finished_sweep: Path) -> None:
+    records = {p.stem: json.loads(p.read_text()) for p in (finished_sweep / "records").glob("*.json")}
+    assert sorted(records) == ["resnet10_b2_apot_s0", "resnet10_b2_uniform_s0", "resnet10_b4_apot_s0",
+                               "resnet10_b4_uniform_s0"]
+    for rec in records.values():
+        assert rec["state"] == "TERMINATED" and rec["epochs_done"] == 2
+        assert rec["final_test_acc"] == rec["history"][-1]["test_acc"]
+        assert rec["config"]["batch_size"] == 64
+    # each trial kept its per-epoch checkpoints in its own Train storage
+    for name in records:
+        assert sorted(p.name for p in (finished_sweep / "train" / name).glob("checkpoint_epoch*")) == \
+            ["checkpoint_epoch001", "checkpoint_epoch002"]
+
+    tables = (finished_sweep / "tables.md").read_text()
+    apot = rows(tables, "### APoT")
+    uniform = rows(tables, "### Uniform")
+    assert [r[:3] for r in apot] == [["ResNet-10", "4-bit", "batch64_lr0.01_wd0.0001_2epoch"],
+                                    ["ResNet-10", "2-bit", "batch64_lr0.01_wd0.0001_2epoch"]]
+    for bit, a_row, u_row in zip((4, 2), apot, uniform, strict=True):
+        a = records[f"resnet10_b{bit}_apot_s0"]["final_test_acc"]
+        u = records[f"resnet10_b{bit}_uniform_s0"]["final_test_acc"]
+        assert a_row[3] == f"{a:.2f}" and u_row[3] == f"{u:.2f}"
+        assert u_row[4] == f"{round(u, 2) - round(a, 2):+.2f}"
+
+    with open(finished_sweep / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 4 and {r["state"] for r in csv_rows} == {"TERMINATED"}
+    assert (finished_sweep / "accuracy_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((finished_sweep / "results.json").read_text())["provenance"]["epochs"] == 2
+
+
+def test_report_only_reproduces_the_tables(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
+    before = {n: (finished_sweep / n).read_bytes() for n in ("tables.md", "results.csv")}
+    (finished_sweep / "tables.md").unlink()
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--report-only"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {n: (finished_sweep / n).read_bytes() for n in before} == before
+
+
+def test_existing_sweep_needs_resume(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, finished_sweep.parent), timeout=120)
+    assert r.returncode == 2 and "pass --resume" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("grid.bit=[7]", r"grid\.bit: 7 is not a supported bit width"),
+    ("grid.arch=[resnet99]", r"grid\.arch: .*resnet99"),
+    ("train.lr=0", r"train\.lr"),
+    ("train.epochs=0", r"train\.epochs"),
+    ("resources.gpus_per_worker=1", r"GPU"),
+])
+def test_config_errors_before_ray(override: str, message: str, synthetic_mnist_root: Path,
+                                  tmp_path: Path) -> None:
+    t0 = time.time()
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", override), timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    import re
+    assert re.search(message, r.stderr), r.stderr
+    assert not (tmp_path / "apot_mnist").exists()  # nothing started
+    assert time.time() - t0 < 60
+
+
+def test_missing_data_fails_before_ray(tmp_path: Path) -> None:
+    r = run_sweep(*sweep_cmd(tmp_path / "no-mnist", tmp_path), timeout=120)
+    assert r.returncode == 2 and "python -m apot.data fetch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_mnist_root: Path,
+                                                                  tmp_path: Path) -> None:
+    cmd = sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "resources.workers_per_trial=1",
+                    "--set", "resources.max_concurrent_trials=1")
+    records = tmp_path / "apot_mnist" / "records"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    finished: dict[str, bytes] = {}
+    deadline = time.time() + 400
+    while not finished and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        for path in records.glob("*.json"):
+            data = path.read_bytes()
+            if b'"state": "TERMINATED"' in data:
+                finished[path.name] = data
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group, no clean-up
+    proc.wait()
+    time.sleep(2)
+    finished = {n: (records / n).read_bytes() for n in finished}  # as left at the kill
+    assert len(finished) < 4, "the sweep finished before it could be killed; the test proves nothing"
+    mtimes = {n: (records / n).stat().st_mtime_ns for n in finished}
+
+    r = run_sweep(*cmd, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    states = {p.name: json.loads(p.read_text())["state"] for p in records.glob("*.json")}
+    assert len(states) == 4 and set(states.values()) == {"TERMINATED"}
+    for name, data in finished.items():  # finished trials not run again: byte-identical, not rewritten
+        assert (records / name).read_bytes() == data
+        assert (records / name).stat().st_mtime_ns == mtimes[name]

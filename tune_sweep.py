@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from apot import report
-from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources
+from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
-from apot.config import trial_name
 from apot.sweep import collect_records, expected_points, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stored_provenance(experiment: Path, cfg: SweepConfig) -> dict[str, Any]:
-    """A --report-only rebuild keeps how the numbers were made (the stored provenance), not how it was called."""
+    """--report-only keeps how the numbers were made (the stored provenance), not how it was called."""
     try:
         _, prov = report.load_results(experiment)
         return prov

@@ -51,7 +51,8 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------- Ray Train worker
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every DDP rank: resume from Ray's latest checkpoint, train, report each epoch with a checkpoint."""
+    """Runs on every DDP rank: resume from Ray's latest checkpoint, train, report every epoch (rank 0 with the
+    checkpoint)."""
     import ray.train
     import ray.train.torch
 
@@ -67,7 +68,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def write_record(history: list[dict[str, Any]], state: str) -> None:
         record = summarize(cfg, history)
-        record.update(state=state, startup_s=startup_s)
+        resumed_from = resume["epoch"] if resume else None
+        record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from)
         write_json(record, record_file)
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -76,12 +78,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory(prefix="apot-ckpt-") as folder:
             save_checkpoint(state, Path(folder))
-            write_record(state["history"], "RUNNING")
-            ray.train.report(
+            ray.train.report(  # returns once the checkpoint is persisted in the trial's storage
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"checkpoint_epoch{metrics['epoch']:03d}",
             )
+        write_record(state["history"], "RUNNING")  # after: a record never claims an epoch not checkpointed
 
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device())
     if rank == 0:

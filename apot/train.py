@@ -128,7 +128,9 @@ def _check_distinct_gpus(device: torch.device, info: DistInfo) -> None:
         )
 
 
-def make_scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch LR multiplier for the three schedules (see ``TrainConfig``)."""
     if schedule == "cosine":
         factor = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
@@ -184,7 +186,9 @@ def _sync_buffers(model: nn.Module, info: DistInfo) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def evaluate(model: nn.Module, data: DeviceMNIST, info: DistInfo, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: DeviceMNIST, info: DistInfo, batch_size: int = 1000
+) -> tuple[float, float]:
     """(mean loss, accuracy in percent) over the full test split; each rank scores its shard."""
     model.eval()
     loss_sum = correct = count = 0.0
@@ -208,10 +212,12 @@ def run_trial(
     """Train ``cfg`` from scratch or from ``resume_state`` (a checkpoint dict) and return the trial result.
 
     After every epoch, every rank calls ``on_epoch(metrics, state)`` with the checkpoint dict ``state``
-    (references to the live tensors, not copies); by convention only rank 0 persists it. The result's ``final_test_acc`` is the last epoch's test accuracy: the tables'
-    number, with no model selection on the test set.
+    (references to the live tensors, not copies); by convention only rank 0 persists it. The result's
+    ``final_test_acc`` is the last epoch's test accuracy: the tables' number, with no model selection on
+    the test set.
     """
-    info = init_distributed(device.type if device is not None else resolve_device(cfg.device, DistInfo()).type)
+    kind = device.type if device is not None else resolve_device(cfg.device, DistInfo()).type
+    info = init_distributed(kind)
     device = device or resolve_device(cfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -323,7 +329,7 @@ def _format_epoch(m: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m apot.train", description="Train one quantized ResNet on MNIST.")
+    p = argparse.ArgumentParser(prog="python -m apot.train", description="Train one quantized ResNet.")
     p.add_argument("--arch", default=d.arch)
     p.add_argument("--bit", type=int, default=d.bit, help="2..6, or 32 for full precision")
     p.add_argument("--power", choices=("apot", "uniform"), default="apot", help="quantizer")

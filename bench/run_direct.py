@@ -33,7 +33,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished trials are stopped")
+    p.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished trials stop")
     p.add_argument("--trial", action="append", required=True, metavar="NAME=ARGS",
                    help="a trial name and its apot.train arguments")
     args = p.parse_args()
@@ -67,7 +67,8 @@ def main() -> int:
             record = json.loads(result_file.read_text())
         else:
             state = load_checkpoint(folder) if (folder / "checkpoint.pt").exists() else None
-            config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+            config_file = folder / "config.json"
+            config = json.loads(config_file.read_text()) if config_file.exists() else {}
             record = summarize(TrainConfig.from_dict(config), state["history"] if state else [])
             record["error"] = f"stopped at the {args.deadline:.0f}s deadline (exit {pr.returncode})"
         write_json(record, out / "records" / f"{name}.json")

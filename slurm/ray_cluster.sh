@@ -167,7 +167,7 @@ wait_for_head() {
 }
 
 wait_for_nodes() {
-    local deadline=$1 want=$2 poller
+    local deadline=$1 want=$2
     "$PYTHON" - "$RAY_ADDRESS" "$want" <<'PY' &
 import sys
 import time
@@ -179,23 +179,22 @@ ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 last = -1
 while (alive := sum(node["Alive"] for node in ray.nodes())) < want:
     if alive != last:
-        print(f"ray_cluster: {alive}/{want} Ray nodes joined", flush=True)
+        print(time.strftime("[%H:%M:%S]"), f"ray_cluster: {alive}/{want} Ray nodes joined", flush=True)
         last = alive
     time.sleep(1)
 PY
-    poller=$!
-    while kill -0 "$poller" 2>/dev/null; do
+    POLLER_PID=$!
+    while kill -0 "$POLLER_PID" 2>/dev/null; do
         if [[ -n $(dead_step) ]]; then
-            kill "$poller" 2>/dev/null
             fail_if_step_died
         fi
         if ((SECONDS >= deadline)); then
-            kill "$poller" 2>/dev/null
             die "not all $want nodes joined the Ray cluster within ${CLUSTER_TIMEOUT_S} s"
         fi
         sleep 1
     done
-    wait "$poller" || die "could not count the nodes of the Ray cluster at $RAY_ADDRESS"
+    wait "$POLLER_PID" || die "could not count the nodes of the Ray cluster at $RAY_ADDRESS"
+    POLLER_PID=
 }
 
 # Wait until the given PIDs have exited or $1 seconds have passed; the ones left go to LEFT.
@@ -212,8 +211,10 @@ wait_pids() {
 
 # EXIT trap: stop the driver, then Ray on every node, then the srun steps; keep the sweep's exit code.
 teardown() {
-    local rc=$? i status dead_before=0
+    local rc=$? i status
+    local -a early=()
     trap '' TERM INT
+    [[ -z ${POLLER_PID:-} ]] || kill "$POLLER_PID" 2>/dev/null
     if [[ -n ${DRIVER_PID:-} ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
         log "stopping the sweep driver"
         kill -TERM "$DRIVER_PID" 2>/dev/null
@@ -222,9 +223,9 @@ teardown() {
     fi
     if ((${#STEP_PIDS[@]} > 0)); then
         for i in "${!STEP_PIDS[@]}"; do
-            kill -0 "${STEP_PIDS[i]}" 2>/dev/null || dead_before=$((dead_before + 1))
+            kill -0 "${STEP_PIDS[i]}" 2>/dev/null || early+=("$i")
         done
-        log "stopping Ray on ${STEP_NODES[*]}"
+        log "stopping Ray on ${STEP_NODES[*]} (Slurm reports these steps as CANCELLED: expected)"
         # SIGTERM to every job step (not this batch script): `ray start --block` then stops its node's Ray
         # processes and exits. `ray stop` is not used: it kills every Ray on the host, other jobs' too.
         scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null
@@ -235,12 +236,12 @@ teardown() {
             wait_pids 15 "${LEFT[@]}"
             ((${#LEFT[@]} == 0)) || log "error: srun ${LEFT[*]} did not exit"
         fi
-        for i in "${!STEP_PIDS[@]}"; do
+        for i in "${early[@]}"; do
             wait "${STEP_PIDS[i]}" 2>/dev/null
             status=$?
-            [[ $status == 0 ]] || log "ray on ${STEP_NODES[i]} ended with status $status"
+            log "warning: ray on ${STEP_NODES[i]} had exited (status $status) before the sweep ended"
         done
-        if ((dead_before == ${#STEP_PIDS[@]} && rc == 0)); then
+        if ((${#early[@]} == ${#STEP_PIDS[@]} && rc == 0)); then
             log "error: Ray had exited on every node before the sweep ended"
             rc=1
         fi
@@ -259,7 +260,8 @@ main() {
     SWEEP_ENTRY=${APOT_SWEEP_ENTRY:-tune_sweep.py}
     STORAGE=${APOT_STORAGE:-$SLURM_SUBMIT_DIR/ray_results}
     CLUSTER_TIMEOUT_S=${APOT_CLUSTER_TIMEOUT_S:-300}
-    CPUS=${APOT_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:?}}
+    CPUS=${APOT_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-}}
+    [[ -n $CPUS ]] || die "SLURM_CPUS_ON_NODE is not set: set APOT_CPUS_PER_NODE"
     GPUS=$(gpus_per_node)
     # Ports from the job id: GCS, dashboard, Ray client, dashboard agents (one per node of a host);
     # 16 ports per job in 20000-32767, below Linux's ephemeral range. All other ports are picked free.

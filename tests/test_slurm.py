@@ -332,7 +332,7 @@ def test_cancelled_sweep_resumes_without_rerunning_finished_trials(slurm_env, ti
     log = read_log(second_out)
     assert (state, code) == ("COMPLETED", "0:0"), log[-6000:]
     assert "resuming it" in log and "--resume" in log
-    check_tiny_sweep_results(storage / "slurm_resume")
+    check_tiny_sweep_results(storage / "slurm_resume", epochs=2)
     ((path, before),) = finished.items()
     assert path.read_text() == before, f"{path.name} was trained again"
     assert_nothing_left(job)

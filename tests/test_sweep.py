@@ -1,4 +1,4 @@
-"""tune_sweep.py end to end through a real local Ray (started by the CLI the test runs), on synthetic IDX data."""
+"""tune_sweep.py end to end through a real local Ray (started by the CLI), on synthetic IDX data."""
 
 from __future__ import annotations
 
@@ -143,3 +143,31 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_mnist
     for name, data in finished.items():  # finished trials not run again: byte-identical, not rewritten
         assert (records / name).read_bytes() == data
         assert (records / name).stat().st_mtime_ns == mtimes[name]
+
+
+def _session_processes(session_id: int, needle: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, sid, *args in (ln.split(None, 2) for ln in out.splitlines() if ln.strip())
+            if int(sid) == session_id and needle in " ".join(args)]
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(synthetic_mnist_root: Path, tmp_path: Path) -> None:
+    cmd = sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[4]", "--set", "grid.power=[true]",
+                    "--set", "train.epochs=4", "--set", "max_retries=1",
+                    "--set", "resources.workers_per_trial=1")
+    record = tmp_path / "apot_mnist" / "records" / "resnet10_b4_apot_s0.json"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (record.exists() and json.loads(record.read_text())["epochs_done"]):
+        time.sleep(0.3)
+    workers = _session_processes(proc.pid, "RayTrainWorker")
+    assert workers, "no Ray Train worker process found"
+    for pid in workers:  # a real crash of the DDP rank, mid-trial
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    rec = json.loads(record.read_text())
+    assert rec["state"] == "TERMINATED" and [h["epoch"] for h in rec["history"]] == [1, 2, 3, 4]
+    assert rec["resumed_from_epoch"] is not None and rec["resumed_from_epoch"] >= 1  # not restarted from 0
+    assert "RETRY" in out or "retry" in out.lower()  # the display showed the retry

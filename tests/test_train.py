@@ -113,7 +113,8 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
 DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from apot.train import TrainConfig, run_trial
-    cfg = TrainConfig(arch="resnet10", bit=3, width=8, batch_size=64, epochs=2, data_dir=sys.argv[1], device="cpu")
+    cfg = TrainConfig(arch="resnet10", bit=3, width=8, batch_size=64, epochs=2, data_dir=sys.argv[1],
+                      device="cpu")
     seen = []
     def on_epoch(metrics, state):
         seen.append(metrics)

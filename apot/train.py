@@ -135,7 +135,7 @@ def make_scheduler(
     if schedule == "cosine":
         factor = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
     elif schedule == "step":
-        milestones = (epochs // 2, (3 * epochs) // 4)
+        milestones = (max(1, epochs // 2), max(1, (3 * epochs) // 4))  # never before the first epoch ends
         factor = lambda e: 0.1 ** sum(e >= m for m in milestones)  # noqa: E731
     else:
         factor = lambda e: 1.0  # noqa: E731

@@ -46,6 +46,13 @@ def test_short_run_learns_and_reports_every_epoch(synthetic_mnist_root: Path) ->
         assert m["weight_alpha_mean"] is not None and m["act_alpha_mean"] is not None
 
 
+def test_step_schedule_never_decays_the_first_epoch() -> None:
+    for epochs in (1, 2, 3):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        make_scheduler(opt, "step", epochs)
+        assert opt.param_groups[0]["lr"] == 1.0
+
+
 @pytest.mark.parametrize("schedule,expected", [
     ("cosine", [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),  # 1, .854, .5, .146
     ("step", [1.0, 1.0, 0.1, 0.01]),  # x0.1 at 50% and 75% of 4 epochs

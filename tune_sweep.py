@@ -103,6 +103,7 @@ def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[
         "quick": cfg.quick,
         "epochs": cfg.train["epochs"],
         "train_subset": cfg.train.get("train_subset"),
+        "schedule": cfg.train["schedule"],
         "seeds": list(cfg.grid["seed"]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -110,6 +111,18 @@ def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[
         "ray": ray.__version__,
         "wall_time_s": round(time.time() - started, 1),
         **extra,
+    }
+
+
+def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the trial slots' time went: Ray and process start-up (trial driver start -> first batch) versus
+    epochs (train + test), summed over every trial with a record."""
+    started = [r for r in records if r.get("startup_s") is not None]
+    if not started:
+        return {}
+    return {
+        "trial_startup_s": round(sum(r["startup_s"] for r in started)),
+        "trial_epochs_s": round(sum(r["wall_time_s"] for r in started)),
     }
 
 
@@ -202,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 
     records = collect_records(experiment, cfg.grid)
-    prov = provenance(cfg, started, extra) if not args.report_only else _stored_provenance(experiment, cfg)
+    if args.report_only:
+        prov = _stored_provenance(experiment, cfg)
+    else:
+        prov = provenance(cfg, started, {**extra, **startup_share(records)})
     paths = report.write_results(records, experiment, prov, expected=expected_points(cfg.grid))
     tables = paths["tables.md"].read_text()
     print(tables)

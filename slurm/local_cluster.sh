@@ -114,7 +114,7 @@ nodes_idle() {
 start() {
     [[ $EUID -eq 0 ]] || die "start needs root (the daemons run as root)"
     command -v slurmctld >/dev/null || die "Slurm is not installed: run '$0 install' first"
-    if [[ -f $CONF ]] && daemons_alive && nodes_idle; then
+    if [[ -f $CONF ]] && daemons_alive; then
         log "already running ($CONF)"
         return
     fi

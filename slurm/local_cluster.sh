@@ -26,7 +26,8 @@ HOST=$(hostname -s)
 log() { echo "local_cluster: $*"; }
 die() { echo "local_cluster: error: $*" >&2; exit 1; }
 
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+# A zombie (killed, not yet reaped) counts as dead.
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null && [[ $(ps -o stat= -p "$1") != Z* ]]; }
 pid_of() { if [[ -s $1 ]]; then cat "$1"; fi; }
 
 install_packages() {
@@ -119,11 +120,13 @@ start() {
         return
     fi
     mkdir -p "$STATE"
+    if ! alive "$(pid_of "$STATE/slurmctld.pid")"; then
+        # A fresh cluster every time: no jobs recovered from an earlier run that was not stopped cleanly.
+        rm -rf "$STATE/ctld" "$STATE/spool"
+    fi
     write_conf
     start_munge
-    if ! alive "$(pid_of "$STATE/slurmctld.pid")"; then
-        slurmctld -f "$CONF"
-    fi
+    alive "$(pid_of "$STATE/slurmctld.pid")" || slurmctld -f "$CONF"
     local node
     for node in "${NODES[@]}"; do
         alive "$(pid_of "$STATE/slurmd-$node.pid")" || slurmd -f "$CONF" -N "$node"

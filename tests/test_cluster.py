@@ -169,7 +169,7 @@ class LocalRayCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        left = wait_until_gone(str(self.root), timeout_s=20)
+        left = wait_until_gone(f"{self.root}/", timeout_s=20)
         for pid in left:  # only processes under this cluster's own temp dir
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -183,7 +183,8 @@ class LocalRayCluster:
         cmd = [sys.executable, "-c", textwrap.dedent(code)]
         env = self.env if env is None else env
         if not wait:
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=REPO)
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
     def __enter__(self) -> LocalRayCluster:
@@ -205,7 +206,7 @@ def ray_two_nodes() -> Iterator[LocalRayCluster]:
     cluster = LocalRayCluster(nodes=2, cpus_per_node=2)
     with cluster:
         yield cluster
-    left = processes_referencing(str(cluster.root))
+    left = processes_referencing(f"{cluster.root}/")
     assert not left, f"Ray processes left after teardown: {left}"
 
 
@@ -255,7 +256,7 @@ def test_stop_leaves_no_ray_processes() -> None:
     cluster = LocalRayCluster(nodes=2, cpus_per_node=1)
     try:
         cluster.start()
-        assert processes_referencing(str(cluster.root))  # the check sees a live cluster
+        assert processes_referencing(f"{cluster.root}/")  # the check sees a live cluster
         assert (cluster.root.stat().st_mode & 0o777) == 0o700  # sockets unreachable for other users
     finally:
         left = cluster.stop()

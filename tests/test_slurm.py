@@ -103,10 +103,12 @@ def read_log(out: Path) -> str:
 
 
 def assert_nothing_left(job: int, timeout_s: float = 60) -> None:
-    """No process of the job (by SLURM_JOB_ID in its environment) and none under its Ray temp dirs."""
+    """No process of the job (by SLURM_JOB_ID in its environment) and none under its Ray temp dirs; then
+    the temp dirs (Ray's logs) are removed, as job ids restart with every fresh local cluster."""
     for needle in (f"SLURM_JOB_ID={job}", f"/tmp/ray-{job}/"):
         left = wait_until_gone(needle, timeout_s)
         assert not left, f"job {job} left processes behind ({needle}): {left}"
+    shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ stand-in driver
@@ -123,6 +125,7 @@ p.add_argument("--address", required=True)
 p.add_argument("--storage", required=True)
 p.add_argument("--exit-code", type=int, default=0)
 p.add_argument("--hold", type=float, default=0, help="then sleep this long (first run of the job only)")
+p.add_argument("--probe-auth", action="store_true", help="check that drivers without the token are refused")
 args = p.parse_args()
 out = Path(args.storage)
 restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -153,8 +156,8 @@ base["HOME"] = str(out / "nohome")
 probes = {name: subprocess.Popen([sys.executable, "-c", connect], env={**base, **extra}, text=True,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
           for name, extra in {"wrong_token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-                              "no_auth": {"RAY_AUTH_MODE": "disabled"}}.items()}
-for name, proc in probes.items():
+                              "no_auth": {"RAY_AUTH_MODE": "disabled"}}.items() if args.probe_auth}
+for name, proc in probes.items():  # each takes ~20 s: Ray retries before giving up
     _, err = proc.communicate(timeout=180)
     report[name] = {"rc": proc.returncode,
                     "rejected": "Unauthenticated" in err or "InvalidAuthToken" in err, "stderr": err[-1500:]}
@@ -196,7 +199,7 @@ def assert_token_kept_secret(job: int, standin: dict[str, str], out: Path) -> No
 @slurm
 def test_job_forms_two_node_cluster_with_token_auth(slurm_env, standin, tmp_path: Path) -> None:
     out = tmp_path / "job.out"
-    job = submit(slurm_env, out, extra_env=standin)
+    job = submit(slurm_env, out, "--probe-auth", extra_env=standin)
     state, code = wait_for_job(slurm_env, job, out, timeout_s=300)
     log = read_log(out)
     assert (state, code) == ("COMPLETED", "0:0"), log[-4000:]
@@ -207,6 +210,8 @@ def test_job_forms_two_node_cluster_with_token_auth(slurm_env, standin, tmp_path
     for probe in ("wrong_token", "no_auth"):
         assert run[probe]["rc"] != 0 and run[probe]["rejected"], run[probe]["stderr"]
     assert "--resume" not in run["argv"]  # resume detection is for tune_sweep.py only
+    assert run["argv"][:4] == ["--address", f"127.0.0.1:{20000 + job % 798 * 16}", "--storage",
+                               standin["APOT_STORAGE"]]  # the GCS port derived from the job id
     assert "2 node(s) (n1 n2)" in log and "Ray cluster up: 2 nodes" in log
     assert_token_kept_secret(job, standin, out)
     assert_nothing_left(job)
@@ -268,7 +273,7 @@ def test_requeued_job_runs_again(slurm_env, standin, tmp_path: Path) -> None:
     assert (state, code) == ("COMPLETED", "0:0"), read_log(out)[-4000:]
     first, second = runs(standin)
     assert (first["restarts"], second["restarts"]) == (0, 1)
-    assert len(second["ran_on"]) == 2 and second["wrong_token"]["rejected"]
+    assert len(second["ran_on"]) == 2 and second["auth_mode"] == "token"
     tokens = {p.read_text() for p in Path(standin["APOT_STORAGE"]).glob("token*")}
     assert len(tokens) == 2  # a fresh token per run
     assert_nothing_left(job)

@@ -27,7 +27,7 @@ from typing import Any
 from apot import report
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
-from apot.sweep import collect_records, expected_points, param_space, trial_driver
+from apot.sweep import collect_records, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
@@ -154,8 +154,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     trainable = tune.with_resources(trial_driver, {"CPU": 0, "memory": 1})
 
     progress = SweepProgress(mode=args.display, concurrency=concurrency)
-    progress.add_trials(expected_points(cfg.grid), epochs=cfg.train["epochs"], name_fn=trial_name)
-    for record in collect_records(experiment, cfg.grid):
+    progress.add_trials(cfg.trials(), epochs=cfg.train["epochs"], name_fn=trial_name)
+    for record in collect_records(experiment, cfg.trials()):
         progress.mark_record(record)
 
     if args.resume and tune.Tuner.can_restore(str(experiment)):
@@ -214,19 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 
-    records = collect_records(experiment, cfg.grid)
+    records = collect_records(experiment, cfg.trials())
     if args.report_only:
         prov = _stored_provenance(experiment, cfg)
     else:
         prov = provenance(cfg, started, {**extra, **startup_share(records)})
-    paths = report.write_results(records, experiment, prov, expected=expected_points(cfg.grid))
+    paths = report.write_results(records, experiment, prov, expected=cfg.trials())
     tables = paths["tables.md"].read_text()
     print(tables)
     print(f"results in {experiment}")
     if args.update_readme:
         report.update_readme(Path(__file__).with_name("README.md"), tables, prov)
     finished = sum(r["state"] == "TERMINATED" for r in records)
-    return 0 if finished == len(expected_points(cfg.grid)) else 1
+    return 0 if finished == len(cfg.trials()) else 1
 
 
 def _stored_provenance(experiment: Path, cfg: SweepConfig) -> dict[str, Any]:

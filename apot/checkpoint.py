@@ -8,12 +8,12 @@ stopped: ``model``, ``optimizer``, ``scheduler`` state dicts, ``epoch`` (epochs 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from apot.atomic import atomic_write, atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
@@ -28,32 +28,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, incomplete, or made for another trial."""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
     """Atomically write ``state`` to ``folder/checkpoint.pt`` and return the path."""
     path = Path(folder) / CHECKPOINT_FILE
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
 def write_json(obj: Any, path: Path) -> None:
     """Atomically write ``obj`` as indented JSON."""
     data = json.dumps(obj, indent=2, sort_keys=False).encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write_bytes(Path(path), data)
 
 
 def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:

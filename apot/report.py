@@ -16,13 +16,13 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from apot.atomic import atomic_write_bytes
 
 __all__ = [
     "CSV_COLUMNS",
@@ -323,21 +323,6 @@ def markdown_tables(
 
 
 # ------------------------------------------------------------------------------------------ files
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
@@ -441,7 +426,7 @@ def write_results(
     paths = {}
     for name, data in contents.items():
         paths[name] = out_dir / name
-        _atomic_write_bytes(paths[name], data)
+        atomic_write_bytes(paths[name], data)
     return paths
 
 
@@ -495,4 +480,4 @@ def update_readme(readme: Path, tables_md: str, provenance: dict[str, Any]) -> N
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     new = f"{head}{README_START}\n{body}\n{README_END}{tail}"
-    _atomic_write_bytes(readme, new.encode("utf-8"))
+    atomic_write_bytes(readme, new.encode("utf-8"))

@@ -149,15 +149,7 @@ def param_space(grid: dict[str, list], train: dict[str, Any], run: dict[str, Any
     return {**{k: tune.grid_search(list(grid[k])) for k in GRID_KEYS}, "train": train, "run": run}
 
 
-def expected_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """Every grid point in table order: arch, then bit as listed, then APoT before uniform, then seed."""
-    return [
-        {"arch": a, "bit": b, "power": p, "seed": s}
-        for a in grid["arch"] for b in grid["bit"] for p in grid["power"] for s in grid["seed"]
-    ]
-
-
-def collect_records(experiment: Path, grid: dict[str, list]) -> list[dict[str, Any]]:
-    """The records present in ``records/`` for the grid's points (absent points are the report's MISSING)."""
-    records = [read_record(record_path(experiment, point)) for point in expected_points(grid)]
+def collect_records(experiment: Path, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records present in ``records/`` for these grid points (absent points are the report's MISSING)."""
+    records = [read_record(record_path(experiment, point)) for point in points]
     return [r for r in records if r is not None]

@@ -124,6 +124,8 @@ class TrialRow:
     epoch_s: dict[int, float] = field(default_factory=dict)
     error: str | None = None
     retries: int = 0
+    started_at: float | None = None  # clock() when the trial (or its retry) started running
+    startup_s: float | None = None  # start -> first epoch result, minus that epoch: Ray and process start-up
 
     @property
     def quantizer(self) -> str:
@@ -161,8 +163,9 @@ class SweepProgress:
     Sweep ETA: ``sum over unfinished trials of remaining_epochs x t / min(concurrency, unfinished trials)``,
     where ``t`` is that trial's mean epoch time, else the mean epoch time of trials of the same arch, else
     the mean over all timed epochs (None until one epoch finished). Epoch times are measured while trials
-    share the machine, so dividing by the number running at once is fair; the estimate ignores per-trial
-    start-up time.
+    share the machine, so dividing by the number running at once is fair. Each trial not yet past its
+    start-up adds the mean start-up seen so far (Ray actors, process group, imports: on a small CPU sweep
+    as long as the training), less what it has already spent starting.
 
     Use as a context manager around ``Tuner.fit()``: live mode starts/stops the rich ``Live`` display,
     plain mode prints a header and a final summary line. The event methods are thread-safe.
@@ -258,6 +261,7 @@ class SweepProgress:
         with self._lock:
             row = self._row(point, epochs)
             row.state = "RUNNING"
+            row.started_at, row.startup_s = self.clock(), None
             self._state_line(row)
 
     def trial_result(self, point: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
@@ -280,6 +284,8 @@ class SweepProgress:
             row.best_test_acc = max(candidates) if candidates else None
             if metrics.get("epoch_s") is not None:
                 row.epoch_s[row.epoch] = float(metrics["epoch_s"])
+                if row.startup_s is None and row.started_at is not None:
+                    row.startup_s = max(0.0, self.clock() - row.started_at - float(metrics["epoch_s"]))
             if self.mode == "plain":
                 self._print(self._epoch_text(row))
                 if self.clock() - self._last_overall >= self.overall_every_s:
@@ -332,6 +338,9 @@ class SweepProgress:
             for r in rows:
                 by_arch.setdefault(r.arch, []).extend(r.epoch_s.values())
             unfinished = [r for r in rows if not r.finished]
+            startups = [r.startup_s for r in rows if r.startup_s is not None]
+            mean_startup = sum(startups) / len(startups) if startups else 0.0
+            now = self.clock()
             remaining_s: float | None = 0.0
             for r in unfinished:
                 same_arch = by_arch.get(r.arch) or []
@@ -340,6 +349,10 @@ class SweepProgress:
                     remaining_s = None
                     break
                 remaining_s += r.remaining_epochs * t
+                if r.state == "PENDING":
+                    remaining_s += mean_startup
+                elif r.startup_s is None and r.started_at is not None:  # still starting
+                    remaining_s += max(0.0, mean_startup - (now - r.started_at))
             parallel = min(self.concurrency, len(unfinished)) or 1
             # A failed trial's untrained epochs leave the total: it is the work the sweep will do.
             done = sum(r.epochs if r.state == "TERMINATED" else min(r.epoch, r.epochs) for r in rows)
@@ -353,7 +366,7 @@ class SweepProgress:
                 "epochs_total": total,
                 "epochs_done": done,
                 "eta_s": None if remaining_s is None else remaining_s / parallel,
-                "elapsed_s": self.clock() - self._started,
+                "elapsed_s": now - self._started,
             }
 
     # ------------------------------------------------------------------------------------ plain lines

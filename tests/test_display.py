@@ -145,6 +145,21 @@ def test_sweep_eta_formula() -> None:
     assert progress.summary()["eta_s"] == pytest.approx(240)  # one trial left: nothing runs beside it
 
 
+def test_sweep_eta_counts_start_up_of_trials_not_yet_training() -> None:
+    """A trial's start-up (start -> first result, minus that epoch) is added for each trial still to start."""
+    pts = [point("resnet18"), point("resnet18", power=False), point("resnet18", bit=2)]
+    progress, _, clock = plain(pts, epochs=4, concurrency=1)
+    progress.trial_started(pts[0])
+    clock.now += 25.0  # 20 s of start-up, then a 5 s epoch
+    progress.trial_result(pts[0], metrics(1, 4, epoch_s=5.0))
+    assert progress.rows["resnet18_b4_apot_s0"].startup_s == pytest.approx(20.0)
+    # pts[0]: 3 epochs x 5 s; pts[1], pts[2] pending: 4 x 5 s + 20 s start-up each
+    assert progress.summary()["eta_s"] == pytest.approx(15 + 2 * (20 + 20))
+    progress.trial_started(pts[1])
+    clock.now += 8.0  # pts[1] has spent 8 of its expected 20 s starting
+    assert progress.summary()["eta_s"] == pytest.approx(15 + (20 + 12) + (20 + 20))
+
+
 def test_eta_unknown_before_any_epoch() -> None:
     progress, _, _ = plain([point()])
     assert progress.summary()["eta_s"] is None

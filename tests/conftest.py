@@ -12,3 +12,14 @@ def synthetic_mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from apot.data import make_synthetic_mnist
 
     return make_synthetic_mnist(tmp_path_factory.mktemp("synthetic_mnist"), n_train=1024, n_test=256, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: tiny tensors gain nothing from more, and CI shares its cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

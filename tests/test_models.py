@@ -26,13 +26,7 @@ STAGES = {
 QUANT_BITS = [b for b in SUPPORTED_BITS if b != 32]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny tensors gain nothing from more, and the CI box shares its cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_counts(arch: str, width: int, num_classes: int = 10) -> tuple[int, int]:

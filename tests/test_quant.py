@@ -35,13 +35,7 @@ ALL_LEVEL_SETS = list(itertools.product(LEVEL_BITS, (True, False), (True, False)
 LEVEL_IDS = [f"{b}bit-{'apot' if p else 'uniform'}-{'signed' if s else 'act'}" for b, p, s in ALL_LEVEL_SETS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny tensors gain nothing from more, and the CI box shares its cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force(u: torch.Tensor, level_set: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,6 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
         # live console), so a restored sweep gets a fresh one. Tuner.restore has no callbacks argument.
         tuner._local_tuner.get_run_config().callbacks = [TuneDisplayCallback(progress)]
     else:
-        experiment.mkdir(parents=True, exist_ok=True)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.grid, train, run),

@@ -105,6 +105,11 @@ def one_line(text: str | None, limit: int = ERROR_CHARS) -> str | None:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# Live-table columns and the widths they keep on a narrow terminal (only the error text is squeezed).
+COLUMNS = (("trial", "left", 22), ("state", "left", 10), ("epoch", "right", 5), ("loss", "right", 5),
+           ("test %", "right", 6), ("best %", "right", 6), ("img/s", "right", 5), ("ETA", "right", 6))
+
+
 @dataclass
 class TrialRow:
     """One trial as the display sees it. Accuracies are percent; ``epoch_s`` maps epoch -> seconds."""
@@ -442,22 +447,21 @@ class SweepProgress:
                      f"elapsed {format_duration(s['elapsed_s'])}  ETA {format_duration(s['eta_s'])}"),
             )
             table = Table(expand=False, header_style="bold", pad_edge=False, box=None)
-            for name, justify in (("arch", "left"), ("bits", "right"), ("quantizer", "left"),
-                                  ("seed", "right"), ("state", "left"), ("epoch", "right"),
-                                  ("loss", "right"), ("test %", "right"), ("best %", "right"),
-                                  ("img/s", "right"), ("ETA", "right")):
-                table.add_column(name, justify=justify, no_wrap=True)
-            table.add_column("error", style="red", no_wrap=True, overflow="ellipsis", max_width=60)
+            for name, justify, width in COLUMNS:
+                table.add_column(name, justify=justify, no_wrap=True, min_width=width)
+            # the one wrappable column: what a narrow terminal squeezes (its cells still never wrap)
+            table.add_column("error", style="red", overflow="ellipsis", max_width=60)
             for row in self.rows.values():
                 state = row.state + (f" ({row.retries})" if row.retries and not row.finished else "")
                 table.add_row(
-                    row.arch, str(row.bit), row.quantizer, str(row.seed),
+                    row.label,
                     Text(state, style=STATE_STYLES.get(row.state, "")),
                     f"{row.epoch}/{row.epochs}",
                     _fmt(row.train_loss, ".3f"), _fmt(row.test_acc, ".2f"), _fmt(row.best_test_acc, ".2f"),
                     _fmt(row.images_per_s, ".0f"),
                     "" if row.finished or row.eta_s is None else format_duration(row.eta_s),
-                    Text(row.error or "", style="red" if row.state == "ERROR" else "yellow"),
+                    Text(row.error or "", style="red" if row.state == "ERROR" else "yellow", no_wrap=True,
+                         overflow="ellipsis"),
                 )
             return Group(bar, table)
 

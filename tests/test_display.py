@@ -207,13 +207,25 @@ def test_rich_view_renders_rows_progress_and_errors() -> None:
     text = render(progress)
     assert "epochs 3/50" in text and "trials 0/3 done, 1 running, 1 failed" in text
     row = next(ln for ln in text.splitlines() if "APoT" in ln and "resnet18" in ln)
-    assert re.search(r"resnet18\s+4\s+APoT\s+0\s+RUNNING\s+3/25\s+0\.123\s+98\.76\s+98\.80\s+1234\s+"
+    assert re.search(r"resnet18 4-bit APoT s0\s+RUNNING\s+3/25\s+0\.123\s+98\.76\s+98\.80\s+1234\s+"
                      r"4m46s", row)
-    assert re.search(r"resnet18\s+4\s+uniform\s+0\s+PENDING\s+0/25", text)
+    assert re.search(r"resnet18 4-bit uniform s0\s+PENDING\s+0/25", text)
     err_row = next(ln for ln in text.splitlines() if "resnet50" in ln)
     assert "ERROR" in err_row and "RuntimeError: worker died: xxx" in err_row
     assert err_row.rstrip().endswith("…")
     assert all(len(ln) <= 160 for ln in text.splitlines())
+
+
+def test_narrow_terminal_squeezes_only_the_error_text() -> None:
+    pts = [point(), point("resnet50", 2, power=False)]
+    progress, _, _ = plain(pts, epochs=25)
+    progress.trial_result(pts[0], metrics(3, epoch_s=13.0))
+    progress.trial_errored(pts[1], "RuntimeError: worker died")
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(progress.renderable())
+    text = console.file.getvalue()
+    assert re.search(r"resnet18 4-bit APoT s0\s+RUNNING\s+3/25\s+0\.123\s+98\.76\s+98\.80\s+1234", text)
+    assert re.search(r"resnet50 2-bit uniform s0\s+ERROR\s+0/25\s+Runtime", text)
 
 
 def test_live_mode_runs_and_leaves_the_final_table() -> None:

@@ -74,7 +74,6 @@ STATE_STYLES = {
     "ERROR": "bold red",
 }
 ERROR_CHARS = 300  # kept per row; the live table shows what fits in its column
-GRID_KEYS = ("arch", "bit", "power", "seed")
 
 
 def format_duration(seconds: float | None) -> str:

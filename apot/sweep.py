@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
-from apot.config import trial_name
+from apot.config import GRID_KEYS, trial_name
 from apot.train import TrainConfig, run_trial, summarize
 
-GRID_KEYS = ("arch", "bit", "power", "seed")
 CHECKPOINTS_KEPT = 2
 
 

@@ -33,6 +33,8 @@ class QuantConv2d(nn.Conv2d):
         bit: one of ``apot.quant.SUPPORTED_BITS``. With 32 the layer is a plain ``nn.Conv2d``: no alpha
             parameters and no level buffers, so its state dict is ``weight`` (and ``bias``) only.
         power: True for APoT levels, False for uniform.
+        ws_grad: differentiate through the weight standardisation's mean and std (see
+            ``apot.quant.quantize_weight``); False treats them as constants.
 
     Parameters (bit < 32): ``weight``, ``weight_alpha`` (init 3.0), ``act_alpha`` (init 8.0).
     Buffers, not saved: ``weight_levels`` / ``act_levels`` and their ``lookup_table``s (``weight_table`` /
@@ -50,9 +52,10 @@ class QuantConv2d(nn.Conv2d):
         *,
         bit: int,
         power: bool,
+        ws_grad: bool = False,
     ) -> None:
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.config = QuantConfig(bit, power)
+        self.config = QuantConfig(bit, power, ws_grad)
         if self.config.full_precision:
             return
         self.weight_alpha = nn.Parameter(torch.tensor(WEIGHT_ALPHA_INIT))
@@ -67,7 +70,9 @@ class QuantConv2d(nn.Conv2d):
         if self.config.full_precision:
             return super().forward(x)
         x = quantize_activation(x, self.act_alpha, self.act_levels, self.act_table)
-        w = quantize_weight(self.weight, self.weight_alpha, self.weight_levels, self.weight_table)
+        w = quantize_weight(
+            self.weight, self.weight_alpha, self.weight_levels, self.weight_table, self.config.ws_grad
+        )
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

@@ -30,9 +30,10 @@ LEVEL_BITS: tuple[int, ...] = tuple(b for b in SUPPORTED_BITS if b != FULL_PRECI
 """Bit widths that have a level set."""
 
 WEIGHT_ALPHA_INIT = 3.0
-"""Initial clipping threshold of the (standardised) weights."""
+"""Initial clipping threshold of the (standardised) weights at construction (``apot.calibrate`` may then
+set a per-bit one)."""
 ACT_ALPHA_INIT = 8.0
-"""Initial clipping threshold of the (post-ReLU) activations."""
+"""Initial clipping threshold of the (post-ReLU) activations at construction (see ``apot.calibrate``)."""
 
 # APoT base sets of the unsigned b-bit level set, as exponents k of 2**-k; every set also holds 0.
 # A level is one term from each set summed, then everything is divided by the largest sum.
@@ -244,10 +245,52 @@ class ActQuantFn(torch.autograd.Function):
         return grad_x, grad_alpha, None, None
 
 
+class StandardisedWeightQuantFn(torch.autograd.Function):
+    """The projection of ``WeightQuantFn`` for an already standardised weight ``w'``, so that autograd
+    differentiates the standardisation itself (``ws_grad``: the reference's MNIST code does this).
+
+    forward:  u = w' / alpha;  out = alpha * P(clip(u, -1, 1))
+    backward: dL/dw' = g (not clipped);  dL/dalpha as ``WeightQuantFn``
+    """
+
+    @staticmethod
+    def forward(ctx, ws, alpha, level_set, table):
+        u = ws / alpha
+        q = nearest_level(u, level_set, table)
+        ctx.save_for_backward(u, q)
+        ctx.alpha_shape = alpha.shape
+        return q * alpha
+
+    @staticmethod
+    def backward(ctx, g):
+        u, q = ctx.saved_tensors
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            slope = q - _keep_within(u, u, -1.0, 1.0)
+            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+        return g, grad_alpha, None, None
+
+
+def standardise(w: torch.Tensor) -> torch.Tensor:
+    """(w - mean(w)) / std(w), unbiased std: the weight the weight quantizer clips and projects."""
+    centred = w - w.mean()
+    return centred / centred.std()
+
+
 def quantize_weight(
-    w: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+    w: torch.Tensor,
+    alpha: torch.Tensor,
+    level_set: torch.Tensor,
+    table: torch.Tensor | None = None,
+    ws_grad: bool = False,
 ) -> torch.Tensor:
-    """alpha * P(clip(w' / alpha, -1, 1)) with w' = (w - mean(w)) / std(w) (see ``WeightQuantFn``)."""
+    """alpha * P(clip(w' / alpha, -1, 1)) with w' = (w - mean(w)) / std(w) (see ``WeightQuantFn``).
+
+    ``ws_grad``: differentiate through the mean and std (``StandardisedWeightQuantFn``) instead of treating
+    them as constants; the forward value is the same.
+    """
+    if ws_grad:
+        return StandardisedWeightQuantFn.apply(standardise(w), alpha, level_set, table)
     return WeightQuantFn.apply(w, alpha, level_set, table)
 
 
@@ -274,15 +317,19 @@ def quantize_8bit(w: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class QuantConfig:
     """How a layer quantizes: ``bit`` in ``SUPPORTED_BITS`` (32 = full precision), ``power`` True for
-    APoT and False for uniform. Validated at construction."""
+    APoT and False for uniform, ``ws_grad`` True to differentiate through the weight standardisation.
+    Validated at construction."""
 
     bit: int = FULL_PRECISION
     power: bool = True
+    ws_grad: bool = False
 
     def __post_init__(self) -> None:
         _check_bit(self.bit, SUPPORTED_BITS)
         if not isinstance(self.power, bool):
             raise ValueError(f"power must be a bool, got {self.power!r}")
+        if not isinstance(self.ws_grad, bool):
+            raise ValueError(f"ws_grad must be a bool, got {self.ws_grad!r}")
 
     @property
     def full_precision(self) -> bool:

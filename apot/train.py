@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from apot.calibrate import CALIBRATION_IMAGES, calibrate_act_alphas, init_weight_alphas
 from apot.checkpoint import RESULT_FILE, CheckpointError, load_checkpoint, save_checkpoint, write_json
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
 from apot.models import create_model
+from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE, PRESETS, SCHEDULES, TrainConfig
 
-SCHEDULES = ("cosine", "step", "constant")
+__all__ = ["SCHEDULES", "TrainConfig", "init_alphas", "make_optimizer", "run_trial"]
 
 # (metrics of the finished epoch, checkpoint state) -> None; called on every rank, rank 0 persists the state.
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a trial. Defaults are the seed's hyper-parameters.
-
-    Args:
-        batch_size: global batch, split evenly over the DDP ranks.
-        schedule: ``cosine`` (lr * (1 + cos(pi * e / E)) / 2 per epoch e of E), ``step`` (x0.1 at 50% and
-            75% of the epochs) or ``constant``.
-        train_subset: train on the first N training images (quick runs); the test split is always all 10k.
-        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    """
-
-    arch: str = "resnet18"
-    bit: int = 4
-    power: bool = True
-    seed: int = 0
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "step"
-    width: int = 16
-    train_subset: int | None = None
-    data_dir: str = "./data"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs: {self.epochs} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr: {self.lr} must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, ignoring keys that are not fields (e.g. a Ray trial's extra keys)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -140,6 +98,39 @@ def make_scheduler(
     else:
         factor = lambda e: 1.0  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum: group 0 the weights (and BN's scale and shift) at ``lr`` / ``weight_decay``; with
+    ``cfg.alpha_lr`` set, group 1 every clipping threshold (``*_alpha``) at ``alpha_lr`` /
+    ``alpha_weight_decay`` (``weight_decay`` when None). Without it, one group holds everything."""
+    params = list(model.named_parameters())
+    alphas = [p for n, p in params if n.endswith("_alpha")] if cfg.alpha_group else []
+    ids = {id(p) for p in alphas}
+    groups: list[dict[str, Any]] = [{"params": [p for _, p in params if id(p) not in ids]}]
+    if alphas:
+        wd = cfg.weight_decay if cfg.alpha_weight_decay is None else cfg.alpha_weight_decay
+        groups.append({"params": alphas, "lr": cfg.alpha_lr, "weight_decay": wd})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
+    """Starting clipping thresholds of a fresh model (never on resume: the checkpoint holds the alphas).
+
+    ``weight_alpha_init`` / ``act_alpha_init``: a number, or ``mse`` / ``calibrate`` (``apot.calibrate``);
+    the calibration batch is the first ``CALIBRATION_IMAGES`` of the seed's epoch-0 order, unaugmented, the
+    same on every rank."""
+    weight = cfg.weight_alpha_init
+    init_weight_alphas(model, None if weight == ALPHA_INIT_MSE else float(weight))
+    if cfg.act_alpha_init == ALPHA_INIT_CALIBRATE:
+        size = min(CALIBRATION_IMAGES, data.num_train)
+        images, _ = next(data.train_batches(0, cfg.seed, 0, 1, size, augment=False))
+        calibrate_act_alphas(model, images)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("act_alpha"):
+                    p.fill_(float(cfg.act_alpha_init))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -229,8 +220,8 @@ def run_trial(
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     data = DeviceMNIST.from_root(cfg.data_dir, device=device, train_subset=cfg.train_subset)
-    model = create_model(cfg.arch, cfg.bit, power=cfg.power, width=cfg.width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    model = create_model(cfg.arch, cfg.bit, power=cfg.power, width=cfg.width, ws_grad=cfg.ws_grad).to(device)
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -241,6 +232,8 @@ def run_trial(
         _set_rng_state(resume_state["rng"])
         history = list(resume_state["history"])
         start_epoch = int(resume_state["epoch"])
+    else:
+        init_alphas(model, cfg, data)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if info.distributed else model
 
@@ -253,7 +246,7 @@ def run_trial(
         seen = 0
         for x, y in data.train_batches(epoch, cfg.seed, info.rank, info.world_size, per_rank_batch):
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -327,23 +320,52 @@ def _format_epoch(m: dict[str, Any]) -> str:
     )
 
 
+def _number_or(keyword: str) -> Callable[[str], float | str | None]:
+    """argparse type: ``keyword`` as itself (``none`` as None), anything else as a float."""
+    def parse(text: str) -> float | str | None:
+        if text == keyword:
+            return None if keyword == "none" else keyword
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {keyword!r} nor a number") from None
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags for every `TrainConfig` field; a flag not given is absent, so the preset's value (or the
+    field default) applies (`TrainConfig.from_preset`)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m apot.train", description="Train one quantized ResNet.")
-    p.add_argument("--arch", default=d.arch)
-    p.add_argument("--bit", type=int, default=d.bit, help="2..6, or 32 for full precision")
-    p.add_argument("--power", choices=("apot", "uniform"), default="apot", help="quantizer")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--train-subset", type=int, default=None)
+    p = argparse.ArgumentParser(prog="python -m apot.train", description="Train one quantized ResNet.",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="named recipe (apot.recipe.PRESETS); flags given explicitly override its values")
+    p.add_argument("--arch", help=f"default {d.arch}")
+    p.add_argument("--bit", type=int, help=f"2..6, or 32 for full precision (default {d.bit})")
+    p.add_argument("--power", choices=("apot", "uniform"), help="quantizer (default apot)")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--batch-size", type=int, help=f"global batch over all ranks (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--momentum", type=float, help=f"default {d.momentum}")
+    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"default {d.schedule}")
+    p.add_argument("--width", type=int, help=f"default {d.width}")
+    p.add_argument("--train-subset", type=int, help="first N training images (default all)")
+    p.add_argument("--act-alpha-init", type=_number_or(ALPHA_INIT_CALIBRATE),
+                   help=f"'calibrate' or a number (default {d.act_alpha_init})")
+    p.add_argument("--weight-alpha-init", type=_number_or(ALPHA_INIT_MSE),
+                   help=f"'mse' or a number (default {d.weight_alpha_init})")
+    p.add_argument("--alpha-lr", type=_number_or("none"),
+                   help=f"lr of the alphas' own group; 'none': the weights' group (default {d.alpha_lr})")
+    p.add_argument("--alpha-weight-decay", type=_number_or("none"),
+                   help=f"weight decay of the alphas' group; 'none': --weight-decay "
+                        f"(default {d.alpha_weight_decay})")
+    p.add_argument("--ws-grad", action=argparse.BooleanOptionalAction,
+                   help=f"gradient through the weight standardisation (default {d.ws_grad})")
+    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", help=f"default {d.device}")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and result.json (resumes from it)")
     return p.parse_args(argv)
 
@@ -351,12 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    explicit = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "data_dir")}
+    if "power" in explicit:
+        explicit["power"] = explicit["power"] == "apot"
     try:
-        cfg = TrainConfig(
-            arch=args.arch, bit=args.bit, power=args.power == "apot", seed=args.seed, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-            schedule=args.schedule, width=args.width, train_subset=args.train_subset,
-            data_dir=str(resolve_data_dir(args.data_dir, None)), device=args.device,
+        cfg = TrainConfig.from_preset(
+            args.preset, **explicit, data_dir=str(resolve_data_dir(args.data_dir, None))
         )
         resume = load_checkpoint(out, asdict(cfg))
     except (ValueError, CheckpointError) as exc:

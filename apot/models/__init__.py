@@ -24,7 +24,7 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    arch: str, bit: int, power: bool = True, num_classes: int = 10, width: int = 16
+    arch: str, bit: int, power: bool = True, num_classes: int = 10, width: int = 16, ws_grad: bool = False
 ) -> nn.Module:
     """Build a registered architecture (1 input channel).
 
@@ -34,10 +34,12 @@ def create_model(
         power: True for APoT levels, False for uniform.
         num_classes: classifier outputs.
         width: channels of the stem and first stage (stages are width x 1, 2, 4, 8).
+        ws_grad: differentiate through the weight standardisation (``apot.quant.quantize_weight``).
 
     Raises:
         ValueError: unknown ``arch`` or unsupported ``bit``.
     """
     if arch not in _REGISTRY:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(list_models())}")
-    return _REGISTRY[arch](bit=bit, power=power, num_classes=num_classes, width=width)
+    return _REGISTRY[arch](bit=bit, power=power, num_classes=num_classes, width=width,
+                            ws_grad=ws_grad)

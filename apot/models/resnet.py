@@ -26,7 +26,8 @@ def _conv(cfg: QuantConfig, in_ch: int, out_ch: int, kernel_size: int, stride: i
     if cfg.full_precision:
         return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
     return QuantConv2d(
-        in_ch, out_ch, kernel_size, stride=stride, padding=padding, bit=cfg.bit, power=cfg.power
+        in_ch, out_ch, kernel_size, stride=stride, padding=padding, bit=cfg.bit, power=cfg.power,
+        ws_grad=cfg.ws_grad,
     )
 
 
@@ -90,6 +91,7 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. [2, 2, 2, 2].
         bit: one of ``apot.quant.SUPPORTED_BITS``; 32 = full precision.
         power: True for APoT, False for uniform quantization.
+        ws_grad: differentiate through the weight standardisation (``apot.quant.quantize_weight``).
         num_classes: outputs of ``fc``.
         width: channels of the stem and of stage 1 (stages are width x 1, 2, 4, 8; x4 with ``Bottleneck``).
         in_channels: input channels (1 for MNIST).
@@ -102,12 +104,13 @@ class ResNet(nn.Module):
         *,
         bit: int = 32,
         power: bool = True,
+        ws_grad: bool = False,
         num_classes: int = 10,
         width: int = 16,
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        cfg = QuantConfig(bit, power)
+        cfg = QuantConfig(bit, power, ws_grad)
         self.config = cfg
         stem, head = (nn.Conv2d, nn.Linear) if cfg.full_precision else (Conv2d8bit, Linear8bit)
         self.conv1 = stem(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)

@@ -1,0 +1,150 @@
+"""What a trial trains with: `TrainConfig` (the one source of training defaults) and the named presets.
+
+No torch here: ``apot.config`` builds the schema of ``search_space.yaml``'s ``train:`` section from these
+fields, and ``python -m apot.train`` its flags.
+
+Presets (``PRESETS``) are named sets of field values, applied under anything given explicitly:
+
+- ``default``: this repository's recipe (the field defaults): per-layer MSE-optimal starting alphas (weights
+  from their standardised values, activations calibrated on a batch), an alpha parameter group with its own
+  lr and weight decay. See README "Accuracy recipe" for the measured effect of each setting.
+- ``paper``: as the reference's MNIST ``main.py`` trains: activation alphas start at 6.0 and weight alphas at
+  3.0 for every bit width, one parameter group (the alphas share lr 0.01 and weight decay 1e-4), gradient
+  through the weight standardisation, constant lr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "PRESETS", "SCHEDULES", "TrainConfig"]
+
+SCHEDULES = ("cosine", "step", "constant")
+ALPHA_INIT_CALIBRATE = "calibrate"
+"""``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
+ALPHA_INIT_MSE = "mse"
+"""``weight_alpha_init`` keyword: MSE-optimal per layer for its standardised weight (``apot.calibrate``)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},  # the field defaults below
+    "paper": {
+        "act_alpha_init": 6.0,
+        "weight_alpha_init": 3.0,
+        "alpha_lr": None,
+        "alpha_weight_decay": None,
+        "ws_grad": True,
+        "label_smoothing": 0.0,
+        "schedule": "constant",
+    },
+}
+
+
+def _alpha_init(name: str, value: Any, keyword: str) -> None:
+    if value == keyword:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: {value!r} must be {keyword!r} or a number > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a trial. Defaults: the seed's hyper-parameters plus this repository's recipe.
+
+    Args:
+        batch_size: global batch, split evenly over the DDP ranks.
+        lr, momentum, weight_decay: SGD of the weights (and of BN's scale and shift).
+        schedule: ``cosine`` (lr * (1 + cos(pi * e / E)) / 2 per epoch e of E), ``step`` (x0.1 at 50% and
+            75% of the epochs) or ``constant``; it scales every parameter group alike.
+        train_subset: train on the first N training images (quick runs); the test split is always all 10k.
+        act_alpha_init: ``calibrate`` (MSE-optimal per layer on a batch of training images) or a number,
+            every activation alpha's start.
+        weight_alpha_init: ``mse`` (MSE-optimal per layer for its standardised weight) or a number.
+        alpha_lr: lr of the alphas' own parameter group; None puts the alphas in the weights' group.
+        alpha_weight_decay: weight decay of the alphas' group; None uses ``weight_decay``.
+        ws_grad: differentiate through the weight standardisation's mean and std (the reference's MNIST
+            code); False treats them as constants.
+        label_smoothing: of the training cross-entropy (the test loss is always plain).
+        preset: the name in ``PRESETS`` these values started from (a label; see `from_preset`).
+        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    arch: str = "resnet18"
+    bit: int = 4
+    power: bool = True
+    seed: int = 0
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    width: int = 16
+    train_subset: int | None = None
+    act_alpha_init: float | str = ALPHA_INIT_CALIBRATE
+    weight_alpha_init: float | str = ALPHA_INIT_MSE
+    alpha_lr: float | None = 0.01
+    alpha_weight_decay: float | None = 0.0
+    ws_grad: bool = False
+    label_smoothing: float = 0.0
+    preset: str = "default"
+    data_dir: str = "./data"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: {self.epochs} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr: {self.lr} must be > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+        _alpha_init("act_alpha_init", self.act_alpha_init, ALPHA_INIT_CALIBRATE)
+        _alpha_init("weight_alpha_init", self.weight_alpha_init, ALPHA_INIT_MSE)
+        for name in ("alpha_lr", "alpha_weight_decay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: {value!r} must be a number or null")
+            if value < 0 or (name == "alpha_lr" and value == 0):
+                raise ValueError(f"{name}: {value} must be {'> 0' if name == 'alpha_lr' else '>= 0'} or null")
+        if self.alpha_lr is None and self.alpha_weight_decay is not None:
+            raise ValueError(f"alpha_weight_decay: {self.alpha_weight_decay} needs alpha_lr (the alphas' own "
+                             "group); with alpha_lr null the alphas share the weights' group, so set both "
+                             "null or give alpha_lr")
+        if not isinstance(self.ws_grad, bool):
+            raise ValueError(f"ws_grad: {self.ws_grad!r} must be true or false")
+        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
+                or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing: {self.label_smoothing!r} must be a number in [0, 1)")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring keys that are not fields (e.g. a Ray trial's extra keys)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **explicit: Any) -> TrainConfig:
+        """The preset's values, then ``explicit`` ones over them (``preset`` records the name)."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **explicit, "preset": preset})
+
+    @property
+    def alpha_group(self) -> bool:
+        """Whether the alphas have their own parameter group (``alpha_lr`` set)."""
+        return self.alpha_lr is not None
+
+
+# Keys that are not per-sweep training settings: the grid point's and the run's own.
+NOT_TRAIN_KEYS = ("arch", "bit", "power", "seed", "data_dir", "device")
+
+
+def train_defaults() -> dict[str, Any]:
+    """``{field: default}`` of the settings a sweep's ``train:`` section may set, in field order."""
+    return {f.name: f.default for f in fields(TrainConfig) if f.name not in NOT_TRAIN_KEYS}

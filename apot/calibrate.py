@@ -31,9 +31,9 @@ __all__ = ["CALIBRATION_IMAGES", "calibrate_act_alphas", "init_weight_alphas", "
 
 CALIBRATION_IMAGES = 512
 """Training images in the activation calibration batch."""
-_MAX_ELEMENTS = 1 << 18  # elements of a tensor the search looks at (an evenly strided subset beyond that)
-_COARSE = 64  # candidates of the first pass, on (0, max|t|]
-_FINE = 32  # candidates of the second pass, within one coarse step either side of the best
+_MAX_ELEMENTS = 1 << 16  # elements of a tensor the search looks at (an evenly strided subset beyond that)
+_COARSE = 48  # candidates of the first pass, on (0, max|t|]
+_FINE = 24  # candidates of the second pass, within one coarse step either side of the best
 
 
 def _quant_error(t: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor) -> torch.Tensor:
@@ -50,11 +50,11 @@ def mse_alpha(t: torch.Tensor, level_set: torch.Tensor) -> float:
 
     Args:
         t: any shape; standardised weights (with a signed ``level_set``) or post-ReLU activations (with an
-            unsigned one). At most 2**18 evenly strided elements are used.
+            unsigned one). At most 2**16 evenly strided elements are used.
         level_set: sorted levels in units of alpha (``apot.quant.levels``), spanning [-1, 1] or [0, 1].
 
-    Two grid passes: 64 candidates on (0, max|t|], then 32 within one step of the best (a resolution of
-    about max|t| / 1000). Returns 1.0 for an all-zero ``t``.
+    Two grid passes: 48 candidates on (0, max|t|], then 24 within one step of the best (a resolution of
+    about max|t| / 500). Returns 1.0 for an all-zero ``t``.
     """
     flat = t.detach().reshape(-1).float()
     if flat.numel() > _MAX_ELEMENTS:
@@ -77,7 +77,7 @@ def quant_layers(model: nn.Module) -> list[QuantConv2d]:
 
 @torch.no_grad()
 def init_weight_alphas(model: nn.Module, value: float | None = None) -> None:
-    """Set every ``weight_alpha``: to ``value``, or (None) to ``mse_alpha`` of the layer's standardised weight."""
+    """Set every ``weight_alpha`` to ``value``, or (None) to the MSE-optimal one for its weight."""
     for layer in quant_layers(model):
         alpha = value if value is not None else mse_alpha(standardise(layer.weight), layer.weight_levels)
         layer.weight_alpha.fill_(alpha)
@@ -97,7 +97,7 @@ def calibrate_act_alphas(model: nn.Module, images: torch.Tensor) -> list[float]:
     def hook(layer: QuantConv2d, args: tuple[torch.Tensor, ...]) -> None:
         alpha = mse_alpha(args[0], layer.act_levels)
         layer.act_alpha.fill_(alpha)
-        found.append(alpha)
+        found.append(float(layer.act_alpha))
 
     saved = [(b, b.clone()) for b in model.buffers()]  # BN running stats (level buffers are unchanged)
     was_training = model.training

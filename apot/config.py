@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from apot.recipe import PRESETS, SCHEDULES, TrainConfig, train_defaults
+
 __all__ = [
     "DEFAULTS",
     "ConfigError",
@@ -34,12 +36,14 @@ __all__ = [
 ]
 
 GRID_KEYS = ("arch", "bit", "power", "seed")
+FP32_BIT = 32  # apot.quant.FULL_PRECISION (not imported: it imports torch)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 MNIST_TRAIN_SIZE = 60_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SET_KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
-# The schema: every allowed key with its default (the seed's sweep). Sections are the nested dicts.
+# The schema: every allowed key with its default (the seed's sweep). Sections are the nested dicts; the
+# train section is apot.recipe.TrainConfig's fields (written once, there).
 DEFAULTS: dict[str, Any] = {
     "name": "apot_mnist",
     "storage": "./ray_results",
@@ -47,20 +51,11 @@ DEFAULTS: dict[str, Any] = {
     "max_retries": 2,
     "grid": {
         "arch": ["resnet18", "resnet34", "resnet50"],
-        "bit": [5, 4, 3, 2],
+        "bit": [32, 5, 4, 3, 2],
         "power": [True, False],
         "seed": [0],
     },
-    "train": {
-        "epochs": 25,
-        "batch_size": 128,
-        "lr": 0.01,
-        "weight_decay": 0.0001,
-        "momentum": 0.9,
-        "schedule": "step",
-        "width": 16,
-        "train_subset": None,
-    },
+    "train": train_defaults(),
     "resources": {
         "workers_per_trial": 2,
         "cpus_per_worker": 1,
@@ -78,7 +73,10 @@ class ConfigError(ValueError):
 
 
 def trial_name(point: Mapping[str, Any]) -> str:
-    """Deterministic, filesystem-safe name of a grid point, e.g. ``resnet18_b4_apot_s0``."""
+    """Deterministic, filesystem-safe name of a grid point, e.g. ``resnet18_b4_apot_s0``; full precision has
+    no quantizer: ``resnet18_fp32_s0``."""
+    if point["bit"] == FP32_BIT:
+        return f"{point['arch']}_fp32_s{point['seed']}"
     quantizer = "apot" if point["power"] else "uniform"
     return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
 
@@ -135,11 +133,15 @@ class SweepConfig:
     quick: bool = False
 
     def trials(self) -> list[dict[str, Any]]:
-        """Every grid point ``{"arch", "bit", "power", "seed"}``: arch, then bit, power, seed, as listed."""
+        """Every grid point ``{"arch", "bit", "power", "seed"}``: arch, then bit, power, seed, as listed.
+
+        Bit 32 (full precision, the FP32 ceiling) has no quantizer, so it is one trial per arch x seed, with
+        the first listed ``power`` (the tables show it in both the APoT and the uniform table)."""
         g = self.grid
         return [
             {"arch": a, "bit": b, "power": p, "seed": s}
-            for a in g["arch"] for b in g["bit"] for p in g["power"] for s in g["seed"]
+            for a in g["arch"] for b in g["bit"]
+            for p in (g["power"][:1] if b == FP32_BIT else g["power"]) for s in g["seed"]
         ]
 
     def trial_name(self, point: Mapping[str, Any]) -> str:
@@ -267,6 +269,24 @@ def _apply_set(config: dict[str, Any], item: str, origins: dict[str, str]) -> No
     _merge(config, nested, DEFAULTS, "", origins, origin)
 
 
+def _layer(origin: str | None, path_origin: str) -> int:
+    """Precedence of an origin: -1 built-in default, 0 the file, 1 its quick section, 2 a --set item."""
+    if origin is None:
+        return -1
+    return 2 if origin.startswith("--set") else 1 if origin == f"{path_origin} (quick)" else 0
+
+
+def _apply_preset(train: dict[str, Any], origins: Mapping[str, str], path_origin: str) -> None:
+    """Apply ``train.preset`` (apot.recipe.PRESETS): its values replace those from layers below the one
+    naming it (defaults < file < quick section < --set); in that layer and above, explicit values win. So
+    ``--set train.preset=paper`` overrides the file's ``schedule: step``, and ``--set train.alpha_lr=0.03``
+    next to it still applies."""
+    preset_layer = _layer(origins.get("train.preset"), path_origin)
+    for key, value in PRESETS.get(train["preset"], {}).items():
+        if _layer(origins.get(f"train.{key}"), path_origin) < preset_layer:
+            train[key] = value
+
+
 # ------------------------------------------------------------------------------------------- validation
 class _Checker:
     """Validates the merged dict; each error names the origin of the offending key."""
@@ -377,14 +397,23 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
     if not 0 <= momentum < 1:
         raise c.fail("train.momentum", f"{momentum} must be in [0, 1)")
     out.update(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum))
-    from apot.train import SCHEDULES  # lazily: it imports torch
 
     c.choice("train.schedule", train["schedule"], SCHEDULES, "a learning-rate schedule")
+    c.choice("train.preset", train["preset"], tuple(PRESETS), "a preset (apot.recipe.PRESETS)")
+    for key in ("alpha_lr", "alpha_weight_decay", "act_alpha_init", "weight_alpha_init", "label_smoothing"):
+        value = out[key]
+        if value is not None and value not in ("calibrate", "mse"):
+            out[key] = float(c.number(f"train.{key}", value))
     out["width"] = c.integer("train.width", train["width"], 1)
     subset = c.integer("train.train_subset", train["train_subset"], 1, nullable=True)
     if subset is not None and subset > MNIST_TRAIN_SIZE:
         raise c.fail("train.train_subset", f"{subset} exceeds the {MNIST_TRAIN_SIZE} training images; "
                                            "use null for all of them")
+    try:  # the recipe's remaining rules live in TrainConfig; its message starts with the field's name
+        TrainConfig.from_dict(out)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise c.fail(f"train.{key}", problem) from None
     return out
 
 
@@ -450,6 +479,7 @@ def load_config(
         _merge(config, quick_section, DEFAULTS, "", origins, f"{origin} (quick)")
     for item in overrides:
         _apply_set(config, item, origins)
+    _apply_preset(config["train"], origins, origin)
     if storage is not None:
         config["storage"] = storage
         origins["storage"] = "--storage"

@@ -5,9 +5,10 @@ fields, and ``python -m apot.train`` its flags.
 
 Presets (``PRESETS``) are named sets of field values, applied under anything given explicitly:
 
-- ``default``: this repository's recipe (the field defaults): per-layer MSE-optimal starting alphas (weights
-  from their standardised values, activations calibrated on a batch), an alpha parameter group with its own
-  lr and weight decay. See README "Accuracy recipe" for the measured effect of each setting.
+- ``default``: this repository's recipe (the field defaults): the seed's hyper-parameters with per-layer
+  MSE-optimal starting alphas (weights from their standardised values, activations calibrated on a batch).
+  The alpha parameter group, ``ws_grad`` and label smoothing exist as settings, off until measured better.
+  See README "Accuracy recipe" for what each setting measured.
 - ``paper``: as the reference's MNIST ``main.py`` trains: activation alphas start at 6.0 and weight alphas at
   3.0 for every bit width, one parameter group (the alphas share lr 0.01 and weight decay 1e-4), gradient
   through the weight standardisation, constant lr.
@@ -83,8 +84,8 @@ class TrainConfig:
     train_subset: int | None = None
     act_alpha_init: float | str = ALPHA_INIT_CALIBRATE
     weight_alpha_init: float | str = ALPHA_INIT_MSE
-    alpha_lr: float | None = 0.01
-    alpha_weight_decay: float | None = 0.0
+    alpha_lr: float | None = None
+    alpha_weight_decay: float | None = None
     ws_grad: bool = False
     label_smoothing: float = 0.0
     preset: str = "default"

@@ -66,6 +66,7 @@ STATE_WORDS = {
     "PENDING": "pending",
     "MISSING": "missing",
 }
+FP32_BIT = 32  # full precision: one trial per arch x seed, shown in both tables
 MODEL_FAMILIES = {"resnet": "ResNet", "preresnet": "PreResNet", "vgg": "VGG", "lenet": "LeNet"}
 # Provenance keys shown first, in this order, with their labels; other scalar keys follow as "key: value".
 PROVENANCE_LABELS = {
@@ -203,6 +204,17 @@ def _cells(
     return cells
 
 
+def _group(
+    cells: dict[tuple[str, int, bool], list[dict[str, Any]]], arch: str, bit: int, power: bool
+) -> list[dict[str, Any]] | None:
+    """The trials of one table cell. FP32 has no quantizer: its trials (whatever their ``power``) are the
+    FP32 row of both tables, the ceiling each quantized number is read against."""
+    if bit == FP32_BIT:
+        group = cells.get((arch, bit, True), []) + cells.get((arch, bit, False), [])
+        return group or None
+    return cells.get((arch, bit, power))
+
+
 def _row_keys(cells: Iterable[tuple[str, int, bool]]) -> list[tuple[str, int]]:
     """(arch, bit) rows: arch in natural order, then bits descending (FP32 first)."""
     rows = {(arch, bit) for arch, bit, _ in cells}
@@ -292,7 +304,8 @@ def markdown_tables(
         "",
         f"{ACCURACY_NOTE} (percent), mean over seeds; `± s` is the sample standard deviation over the "
         "`n` seeds averaged. The best epoch is in results.csv and never used here. "
-        "Compared with APoT = uniform minus APoT, from the two accuracies shown.",
+        "Compared with APoT = uniform minus APoT, from the two accuracies shown. FP32 (full precision, "
+        "no quantizer) is the same trials in both tables: the ceiling of its model.",
         "",
         f"### APoT (power=True){suffix}",
         "",
@@ -300,7 +313,7 @@ def markdown_tables(
         "|:---:|:---:|:---:|:---:|",
     ]
     for arch, bit in rows:
-        group = cells.get((arch, bit, True))
+        group = _group(cells, arch, bit, True)
         if group is None:
             continue
         out.append(f"| {model_name(arch)} | {precision_cell(bit)} | {_hyper_params(group)} "
@@ -313,10 +326,10 @@ def markdown_tables(
         "|:---:|:---:|:---:|:---:|:---:|",
     ]
     for arch, bit in rows:
-        group = cells.get((arch, bit, False))
+        group = _group(cells, arch, bit, False)
         if group is None:
             continue
-        delta = delta_cell(group, cells.get((arch, bit, True), []))
+        delta = NO_NUMBER if bit == FP32_BIT else delta_cell(group, cells.get((arch, bit, True), []))
         out.append(f"| {model_name(arch)} | {precision_cell(bit)} | {_hyper_params(group)} "
                    f"| {accuracy_cell(group)} | {delta} |")
     return "\n".join(out) + "\n"
@@ -362,7 +375,7 @@ def plot_accuracy_vs_bits(
         for power, label, style in ((True, "APoT", "o-"), (False, "uniform", "s--")):
             xs, ys, es = [], [], []
             for i, bit in enumerate(bits):
-                mean, std, _ = _cell_stats(cells.get((arch, bit, power), []))
+                mean, std, _ = _cell_stats(_group(cells, arch, bit, power) or [])
                 if mean is not None:
                     xs.append(i)
                     ys.append(mean)

@@ -30,13 +30,14 @@ def write_config(tmp_path: Path, edit: dict[str, Any] | None = None, text: str |
 
 
 # ------------------------------------------------------------------------------------------ shipped file
-def test_shipped_config_is_the_seeds_24_trial_sweep() -> None:
+def test_shipped_config_is_the_seeds_sweep_plus_fp32() -> None:
     cfg = load_config(SHIPPED)
     assert cfg.name == "apot_mnist" and cfg.max_retries == 2 and not cfg.quick
-    assert cfg.grid == {"arch": ["resnet18", "resnet34", "resnet50"], "bit": [5, 4, 3, 2],
+    assert cfg.grid == {"arch": ["resnet18", "resnet34", "resnet50"], "bit": [32, 5, 4, 3, 2],
                         "power": [True, False], "seed": [0]}
-    assert cfg.train == {"epochs": 25, "batch_size": 128, "lr": 0.01, "weight_decay": 0.0001, "momentum": 0.9,
-                         "schedule": "step", "width": 16, "train_subset": None}
+    seeds = {"epochs": 25, "batch_size": 128, "lr": 0.01, "weight_decay": 0.0001, "momentum": 0.9,
+             "schedule": "step", "width": 16, "train_subset": None}
+    assert {k: cfg.train[k] for k in seeds} == seeds
     r = cfg.resources
     assert (r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker) == (2, 1, 0)
     assert r.max_concurrent_trials is None
@@ -44,7 +45,9 @@ def test_shipped_config_is_the_seeds_24_trial_sweep() -> None:
     assert Path(cfg.data_dir).is_absolute()
 
     trials = cfg.trials()
-    assert len(trials) == 24
+    assert len(trials) == 27  # per arch: one FP32 trial, then 4 bits x 2 quantizers
+    assert trials[0] == {"arch": "resnet18", "bit": 32, "power": True, "seed": 0}
+    trials = [t for t in trials if t["bit"] != 32]
     assert trials[:3] == [{"arch": "resnet18", "bit": 5, "power": True, "seed": 0},
                           {"arch": "resnet18", "bit": 5, "power": False, "seed": 0},
                           {"arch": "resnet18", "bit": 4, "power": True, "seed": 0}]
@@ -58,7 +61,7 @@ def test_train_config_builds_a_trainconfig() -> None:
     from apot.train import TrainConfig
 
     cfg = load_config(SHIPPED)
-    point = cfg.trials()[2]
+    point = cfg.trials()[3]
     tc = TrainConfig(**cfg.train_config(point))
     assert (tc.arch, tc.bit, tc.power, tc.seed, tc.epochs, tc.lr) == ("resnet18", 4, True, 0, 25, 0.01)
     assert tc.data_dir == cfg.data_dir
@@ -77,7 +80,7 @@ def test_quick_applies_its_section_only_with_the_flag() -> None:
     assert cfg.train["epochs"] == 2 and cfg.train["train_subset"] == 4096
     assert cfg.train["lr"] == 0.01  # untouched keys keep the file's values
     assert cfg.resources.workers_per_trial == 1 and cfg.resources.cpus_per_worker == 1
-    assert len(cfg.trials()) == 24  # same grid
+    assert len(cfg.trials()) == 27  # same grid
     assert check_resources(cfg, {"CPU": 2, "GPU": 0}) == 2  # two single-rank trials on a 2-core CPU
 
 
@@ -250,7 +253,7 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
     ((), {"CPU": 2, "GPU": 0}, 1),                       # 2 ranks x 1 CPU on 2 cores
     ((), {"CPU": 16, "GPU": 0}, 8),
     ((), {"CPU": 3.0}, 1),                               # whole trials only
-    (("resources.workers_per_trial=1",), {"CPU": 64}, 24),  # never more than the trials
+    (("resources.workers_per_trial=1",), {"CPU": 64}, 27),  # never more than the trials
     (("grid.bit=[4]", "resources.workers_per_trial=1"), {"CPU": 64}, 6),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 16, "GPU": 1}, 4),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 3, "GPU": 1}, 3),

@@ -1,0 +1,235 @@
+"""The accuracy recipe: MSE-optimal alphas (against an independent integral), activation calibration, the
+alpha parameter group, the gradient through the weight standardisation, presets, resume, one source of
+defaults, and the FP32 ceiling row."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from apot.calibrate import calibrate_act_alphas, init_weight_alphas, mse_alpha, quant_layers
+from apot.config import DEFAULTS, ConfigError, load_config
+from apot.data import DeviceMNIST
+from apot.layers import QuantConv2d
+from apot.models import create_model
+from apot.quant import levels, quantize_weight, standardise
+from apot.recipe import PRESETS, TrainConfig, train_defaults
+from apot.report import markdown_tables
+from apot.train import init_alphas, make_optimizer, make_scheduler, parse_args, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "search_space.yaml"
+SMALL = dict(arch="resnet10", bit=2, width=8, batch_size=64)
+
+
+def integral_mse_alpha(bit: int, signed: bool) -> float:
+    """argmin_alpha E[(x - Q_alpha(x))^2] for x ~ N(0, 1) (signed) or ReLU of it, by quadrature on a fine grid
+    of x, over a 0.05 grid of alpha refined to 0.001: numpy only, independent of apot.calibrate."""
+    x = np.linspace(-8.0 if signed else 0.0, 8.0, 8001)
+    weight = np.exp(-x * x / 2)  # the normal density up to a constant (ReLU's mass at 0 has no error)
+    lv = levels(bit, True, signed).double().numpy()
+    mid = (lv[1:] + lv[:-1]) / 2
+
+    def error(alpha: float) -> float:
+        q = lv[np.searchsorted(mid, x / alpha)] * alpha  # nearest level; beyond the ends: the end level
+        return float(((x - q) ** 2 * weight).sum())
+
+    coarse = min(np.arange(0.5, 8.0, 0.05), key=error)
+    return float(min(np.arange(coarse - 0.05, coarse + 0.05, 0.001), key=error))
+
+
+@pytest.mark.parametrize("bit", [2, 4])
+def test_mse_alpha_matches_the_integral_optimum(bit: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 18, generator=g)
+    for signed, sample in ((True, x), (False, x.relu())):
+        target = integral_mse_alpha(bit, signed)
+        assert mse_alpha(sample, levels(bit, True, signed)) == pytest.approx(target, abs=0.04), (bit, signed)
+    # the issue's numerically found weight constants (standardised weights: N(0, 1))
+    assert integral_mse_alpha(bit, True) == pytest.approx({2: 1.22, 4: 2.64}[bit], abs=0.02)
+
+
+def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_mnist_root: Path) -> None:
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 4, 3, padding=1, bit=2, power=True)
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), layer)  # BN-ReLU of any input: ReLU of a unit normal
+    images = torch.randn(64, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 5 + 3
+    running = model[0].running_mean.clone()
+    found = calibrate_act_alphas(model, images)
+    assert found == [float(layer.act_alpha)]
+    assert float(layer.act_alpha) == pytest.approx(integral_mse_alpha(2, False), abs=0.05)
+    assert torch.equal(model[0].running_mean, running) and model.training  # BN statistics untouched
+
+    def calibrated(seed: int) -> list[float]:
+        cfg = TrainConfig(**SMALL, seed=seed, device="cpu")
+        torch.manual_seed(seed)
+        net = create_model(cfg.arch, cfg.bit, width=cfg.width)
+        init_alphas(net, cfg, DeviceMNIST.from_root(synthetic_mnist_root))
+        return [float(p) for n, p in net.named_parameters() if n.endswith("act_alpha")]
+
+    first = calibrated(0)
+    assert first == calibrated(0)  # same seed: the same batch, the same alphas, bit for bit
+    assert first != calibrated(1)
+    assert all(a != 8.0 for a in first)
+
+
+def test_weight_alphas_are_per_layer_mse_or_the_given_value() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet10", 4, width=8)
+    init_weight_alphas(model)
+    for layer in quant_layers(model):
+        assert float(layer.weight_alpha) == mse_alpha(standardise(layer.weight), layer.weight_levels)
+    init_weight_alphas(model, 3.0)
+    assert {float(layer.weight_alpha) for layer in quant_layers(model)} == {3.0}
+
+
+def test_alphas_get_their_groups_lr_and_weight_decay() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet10", 2, width=8)
+    cfg = TrainConfig(lr=0.01, weight_decay=1e-4, alpha_lr=0.05, alpha_weight_decay=0.0, momentum=0.0)
+    opt = make_optimizer(model, cfg)
+    named = dict(model.named_parameters())
+    alphas = {id(p) for n, p in named.items() if n.endswith("_alpha")}
+    weights, alpha_group = opt.param_groups
+    assert {id(p) for p in alpha_group["params"]} == alphas and alphas
+    assert not alphas & {id(p) for p in weights["params"]}
+    assert len(weights["params"]) + len(alpha_group["params"]) == len(named)
+    # one real step with known gradients: p <- p - lr * (g + wd * p), per group
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in named.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in named.items():
+        lr, wd = (0.05, 0.0) if n.endswith("_alpha") else (0.01, 1e-4)
+        assert torch.allclose(p.detach(), before[n] - lr * (1 + wd * before[n])), n
+    # without alpha_lr: one group holds everything, at the weights' lr and decay (the reference's setup)
+    single = make_optimizer(model, TrainConfig(alpha_lr=None, alpha_weight_decay=None))
+    assert len(single.param_groups) == 1 and len(single.param_groups[0]["params"]) == len(named)
+
+
+def test_schedule_scales_the_alpha_group_too() -> None:
+    model = create_model("resnet10", 2, width=8)
+    opt = make_optimizer(model, TrainConfig(alpha_lr=0.05))
+    sched = make_scheduler(opt, "step", 4)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.005])
+
+
+def test_ws_grad_differentiates_the_standardisation() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    alpha = torch.tensor(1.2, requires_grad=True)
+    lv = levels(3, True, signed=True)
+    upstream = torch.randn(8, 4, 3, 3)
+    plain = quantize_weight(w, alpha, lv)
+    through = quantize_weight(w, alpha, lv, ws_grad=True)
+    assert torch.allclose(plain, through, atol=1e-6)
+    g_plain, a_plain = torch.autograd.grad(plain, (w, alpha), upstream)
+    g_through, a_through = torch.autograd.grad(through, (w, alpha), upstream)
+    centred = w.detach() - w.detach().mean()
+    assert torch.allclose(g_plain, upstream / centred.std())  # mean and std held constant
+    wd = w.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(standardise(wd), wd, upstream)  # straight through P, then the chain
+    assert torch.allclose(g_through, expected, atol=1e-6)
+    assert not torch.allclose(g_through, g_plain, atol=1e-4)
+    assert torch.allclose(a_plain, a_through, atol=1e-4)
+
+
+def test_paper_preset_values_and_precedence(tmp_path: Path, synthetic_mnist_root: Path) -> None:
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.act_alpha_init, paper.weight_alpha_init, paper.alpha_lr, paper.alpha_weight_decay,
+            paper.ws_grad, paper.schedule, paper.preset) == (6.0, 3.0, None, None, True, "constant", "paper")
+    assert (paper.lr, paper.weight_decay, paper.batch_size, paper.momentum) == (0.01, 1e-4, 128, 0.9)
+    assert TrainConfig.from_preset("paper", schedule="step").schedule == "step"  # explicit values win
+    assert TrainConfig.from_preset() == TrainConfig()  # default: the field defaults
+    args = parse_args(["--preset", "paper", "--alpha-lr", "0.03", "--out", str(tmp_path)])
+    assert args.preset == "paper" and args.alpha_lr == 0.03 and not hasattr(args, "schedule")
+    # the sweep: --set train.preset=paper overrides the file's schedule: step; a --set beside it wins
+    cfg = load_config(SHIPPED, overrides=["train.preset=paper", "train.act_alpha_init=5.0"])
+    assert cfg.train["schedule"] == "constant" and cfg.train["ws_grad"] is True
+    assert cfg.train["act_alpha_init"] == 5.0 and cfg.train["alpha_lr"] is None
+    # and a paper model starts where the reference's does
+    torch.manual_seed(0)
+    model = create_model("resnet10", 2, width=8, ws_grad=paper.ws_grad)
+    init_alphas(model, paper, DeviceMNIST.from_root(synthetic_mnist_root))
+    layers = quant_layers(model)
+    assert {float(m.act_alpha) for m in layers} == {6.0} and {float(m.weight_alpha) for m in layers} == {3.0}
+    assert all(m.config.ws_grad for m in layers)
+    assert set(PRESETS) == {"default", "paper"}
+
+
+def test_resume_restores_the_calibrated_alphas(synthetic_mnist_root: Path, one_thread: None) -> None:
+    # alpha_lr tiny: the alphas barely move, so epoch 2's mean shows where the resumed run started from
+    cfg = TrainConfig(**SMALL, epochs=2, alpha_lr=1e-12, train_subset=256, data_dir=str(synthetic_mnist_root),
+                      device="cpu")
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(metrics: dict, state: dict) -> None:
+        saved.update({k: v for k, v in state.items() if k != "model"},
+                     model={k: v.clone() for k, v in state["model"].items()})
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(cfg, on_epoch=stop_after_first)
+    calibrated = [v for k, v in saved["model"].items() if k.endswith("act_alpha")]
+    assert len({float(v) for v in calibrated}) > 1  # per-layer values, not one constant
+    for k in saved["model"]:
+        if k.endswith("act_alpha"):
+            saved["model"][k].fill_(5.0)  # as if training had moved them there
+    history = []
+    run_trial(cfg, resume_state=saved, on_epoch=lambda m, s: history.append(m))
+    assert [m["epoch"] for m in history] == [2]
+    assert history[0]["act_alpha_mean"] == pytest.approx(5.0, abs=1e-6)  # not re-calibrated
+
+
+def test_one_source_of_train_defaults() -> None:
+    assert DEFAULTS["train"] == train_defaults()
+    assert load_config(SHIPPED).train == train_defaults()  # the shipped file states the defaults
+
+
+@pytest.mark.parametrize("item,message", [
+    ("train.alpha_lr=0", r"--set train.alpha_lr=0: train.alpha_lr: 0.0 must be > 0 or null$"),
+    ("train.alpha_weight_decay=-1", r"train.alpha_weight_decay: -1.0 must be >= 0 or null$"),
+    ("train.act_alpha_init=mse", r"train.act_alpha_init: 'mse' must be 'calibrate' or a number > 0$"),
+    ("train.weight_alpha_init=0", r"train.weight_alpha_init: 0.0 must be 'mse' or a number > 0$"),
+    ("train.ws_grad=yes please", r"train.ws_grad: 'yes please' must be true or false$"),
+    ("train.label_smoothing=1", r"train.label_smoothing: 1.0 must be a number in \[0, 1\)$"),
+    ("train.preset=fast", r"train.preset: 'fast' is not a preset .*; allowed: default, paper$"),
+])
+def test_recipe_keys_are_validated_in_one_line(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(SHIPPED, overrides=[item])
+    assert "\n" not in str(info.value)
+
+
+def test_fp32_is_one_trial_per_arch_and_seed_and_a_row_in_both_tables() -> None:
+    cfg = load_config(SHIPPED, overrides=["grid.arch=[resnet18,resnet34]", "grid.seed=[0,1]"])
+    fp32 = [t for t in cfg.trials() if t["bit"] == 32]
+    assert [(t["arch"], t["seed"]) for t in fp32] == [("resnet18", 0), ("resnet18", 1), ("resnet34", 0),
+                                                      ("resnet34", 1)]
+    assert cfg.trial_name(fp32[0]) == "resnet18_fp32_s0"
+    assert len(cfg.trials()) == 2 * 2 * (1 + 4 * 2)
+
+    def record(bit: int, power: bool, seed: int, acc: float) -> dict:
+        config = {**train_defaults(), "arch": "resnet18", "bit": bit, "power": power, "seed": seed}
+        return {"arch": "resnet18", "bit": bit, "power": power, "seed": seed, "config": config,
+                "state": "TERMINATED", "final_test_acc": acc}
+
+    records = [record(32, True, 0, 99.60), record(32, True, 1, 99.70), record(2, True, 0, 99.0),
+               record(2, False, 0, 98.5)]
+    md = markdown_tables(records, {"quick": False})
+    apot_table, uniform_table = md.split("### Uniform")
+    row = re.compile(r"^\| ResNet-18 \| FP32 \| .* \| 99.65 ± 0.07 \(n=2\) \|", re.M)
+    assert row.search(apot_table) and row.search(uniform_table)
+    assert re.search(r"^\| ResNet-18 \| FP32 \| .* \| — \|$", uniform_table, re.M)  # no APoT delta
+    assert re.search(r"^\| ResNet-18 \| 2-bit \| .* \| 98.50 \| -0.50 \|$", uniform_table, re.M)

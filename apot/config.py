@@ -118,7 +118,7 @@ class SweepConfig:
         data_dir: absolute path of the MNIST root.
         max_retries: restarts of a failed trial (Tune ``FailureConfig.max_failures``).
         grid: ``arch``, ``bit``, ``power`` (True = APoT, False = uniform), ``seed``: lists, crossed.
-        train: `apot.train.TrainConfig` fields shared by every trial (epochs, batch_size, lr, ...).
+        train: `apot.recipe.TrainConfig` fields shared by every trial (epochs, batch_size, lr, ...).
         resources: per-trial resources (`Resources`).
         quick: whether the ``quick:`` section was applied.
     """
@@ -149,7 +149,7 @@ class SweepConfig:
         return trial_name(point)
 
     def train_config(self, point: Mapping[str, Any]) -> dict[str, Any]:
-        """Grid point + train keys + data_dir: the kwargs of ``apot.train.TrainConfig``."""
+        """Grid point + train keys + data_dir: the kwargs of ``apot.recipe.TrainConfig``."""
         return {**{k: point[k] for k in GRID_KEYS}, **self.train, "data_dir": self.data_dir}
 
     def to_dict(self) -> dict[str, Any]:

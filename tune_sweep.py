@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the APoT / uniform quantization sweep on Ray Tune and write both accuracy tables.
 
-    python tune_sweep.py                      # embedded local Ray, the 24 trials of search_space.yaml
+    python tune_sweep.py                      # embedded local Ray, the 27 trials of search_space.yaml
     python tune_sweep.py --quick              # same grid, a few epochs on a subset (~10 min on 2 cores)
     python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
     python tune_sweep.py --resume             # continue an interrupted sweep

@@ -27,11 +27,11 @@ SHIPPED = REPO / "search_space.yaml"
 SMALL = dict(arch="resnet10", bit=2, width=8, batch_size=64)
 
 
-def integral_mse_alpha(bit: int, signed: bool) -> float:
-    """argmin_alpha E[(x - Q_alpha(x))^2] for x ~ N(0, 1) (signed) or ReLU of it, by quadrature on a fine grid
-    of x, over a 0.05 grid of alpha refined to 0.001: numpy only, independent of apot.calibrate."""
+def integral_mse(bit: int, signed: bool):
+    """(alpha -> E[(x - Q_alpha(x))^2] for x ~ N(0, 1) (signed) or ReLU of it, by quadrature on a fine grid of
+    x; its argmin over a 0.05 grid of alpha refined to 0.001): numpy only, independent of apot.calibrate."""
     x = np.linspace(-8.0 if signed else 0.0, 8.0, 8001)
-    weight = np.exp(-x * x / 2)  # the normal density up to a constant (ReLU's mass at 0 has no error)
+    weight = np.exp(-x * x / 2) / np.sqrt(2 * np.pi) * (x[1] - x[0])  # ReLU's mass at 0 has no error
     lv = levels(bit, True, signed).double().numpy()
     mid = (lv[1:] + lv[:-1]) / 2
 
@@ -40,7 +40,11 @@ def integral_mse_alpha(bit: int, signed: bool) -> float:
         return float(((x - q) ** 2 * weight).sum())
 
     coarse = min(np.arange(0.5, 8.0, 0.05), key=error)
-    return float(min(np.arange(coarse - 0.05, coarse + 0.05, 0.001), key=error))
+    return error, float(min(np.arange(coarse - 0.05, coarse + 0.05, 0.001), key=error))
+
+
+def integral_mse_alpha(bit: int, signed: bool) -> float:
+    return integral_mse(bit, signed)[1]
 
 
 @pytest.mark.parametrize("bit", [2, 4])
@@ -48,8 +52,12 @@ def test_mse_alpha_matches_the_integral_optimum(bit: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1 << 18, generator=g)
     for signed, sample in ((True, x), (False, x.relu())):
-        target = integral_mse_alpha(bit, signed)
-        assert mse_alpha(sample, levels(bit, True, signed)) == pytest.approx(target, abs=0.04), (bit, signed)
+        error, target = integral_mse(bit, signed)
+        found = mse_alpha(sample, levels(bit, True, signed))
+        # the objective is flat near its minimum (at 4 bits especially): compare the error reached
+        assert error(found) <= 1.02 * error(target), (bit, signed, found, target)
+        if bit == 2:
+            assert found == pytest.approx(target, abs=0.05), signed
     # the issue's numerically found weight constants (standardised weights: N(0, 1))
     assert integral_mse_alpha(bit, True) == pytest.approx({2: 1.22, 4: 2.64}[bit], abs=0.02)
 
@@ -83,7 +91,8 @@ def test_weight_alphas_are_per_layer_mse_or_the_given_value() -> None:
     model = create_model("resnet10", 4, width=8)
     init_weight_alphas(model)
     for layer in quant_layers(model):
-        assert float(layer.weight_alpha) == mse_alpha(standardise(layer.weight), layer.weight_levels)
+        expected = mse_alpha(standardise(layer.weight), layer.weight_levels)
+        assert float(layer.weight_alpha) == pytest.approx(expected)  # float32 of the float64 search
     init_weight_alphas(model, 3.0)
     assert {float(layer.weight_alpha) for layer in quant_layers(model)} == {3.0}
 

@@ -6,6 +6,7 @@
     python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
+    python tune_sweep.py --dry-run            # print the resolved config, trials, resources; start nothing
 
 Flow: search_space.yaml -> apot.config (validated before Ray starts) -> apot.sweep (one Tune trial per grid
 point, each a TorchTrainer DDP run) -> records/<trial>.json -> apot.report (results.json/csv, tables.md, PNG).
@@ -25,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from apot import report
-from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
+from apot.config import (
+    AUTO,
+    ConfigError,
+    SweepConfig,
+    check_resources,
+    load_config,
+    local_resources,
+    resolve_resources,
+    trial_name,
+)
 from apot.data import MNISTDataError, ensure_mnist
 from apot.sweep import collect_records, param_space, trial_driver
 
@@ -44,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
     p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
     p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the trials, their resources and the concurrency; no Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
@@ -69,6 +81,27 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
                 f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
                 "or start a new sweep with --set name=<new name>"
             )
+
+
+def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) -> str:
+    """What the sweep would run, without starting Ray: resolved config, trials with resources, concurrency."""
+    from apot.step import resolve_mode
+    from apot.train import TrainConfig
+
+    res = cfg.resources
+    concurrency = check_resources(cfg, available)
+    where = f"cluster {address} (sized here with this machine's resources)" if address else "this machine"
+    device = "cuda" if res.gpus_per_worker > 0 else "cpu"
+    lines = [json.dumps(cfg.to_dict(), indent=2),
+             f"resources of {where}: {available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs",
+             f"trials: {len(cfg.trials())}, {concurrency} at a time; each {res.workers_per_trial} rank(s) x "
+             f"({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU)"]
+    for point in cfg.trials():
+        mode = TrainConfig.from_dict(cfg.train_config(point)).compile
+        step = resolve_mode(mode, __import__("torch").device(device), int(res.workers_per_trial))
+        lines.append(f"  {trial_name(point):28s} ranks {res.workers_per_trial}  CPU {res.cpus_per_trial:g}  "
+                     f"GPU {res.gpus_per_trial:g}  {device}  step {step}")
+    return "\n".join(lines)
 
 
 def hardware_summary() -> str:
@@ -138,6 +171,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
              configure_logging=True)
     ray_init_s = time.time() - t0
+    if AUTO in (cfg.resources.workers_per_trial, cfg.resources.cpus_per_worker, cfg.resources.gpus_per_worker):
+        cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
 
@@ -190,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
         experiment = Path(cfg.storage).resolve() / cfg.name
+        if args.address is None or args.dry_run:
+            cfg = resolve_resources(cfg, local_resources())
+        if args.dry_run:
+            print(dry_run(cfg, local_resources(), args.address))
+            return 0
         if not args.report_only:
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
             if args.resume:

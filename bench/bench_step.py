@@ -40,7 +40,8 @@ PROJECTIONS = ("table", "bucketize", "reference")
 def reference_projection(power: bool) -> Callable[..., torch.Tensor]:
     """The paper's projection: exhaustive |x - level| search (APoT) or round() (uniform)."""
 
-    def nearest(u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def nearest(u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None) -> torch.Tensor:
+        level_set = apot.quant.table_levels(table) if level_set is None else level_set  # layers pass tables
         signed = bool(level_set[0] < 0)
         if not power:
             steps = (level_set.numel() - 1) // 2 if signed else level_set.numel() - 1
@@ -53,8 +54,8 @@ def reference_projection(power: bool) -> Callable[..., torch.Tensor]:
     return nearest
 
 
-def bucketize_projection(u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None):
-    return apot.quant.project(u, level_set)
+def bucketize_projection(u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None):
+    return apot.quant.project(u, apot.quant.table_levels(table) if level_set is None else level_set)
 
 
 def make_step(bit: int, power: bool, args: argparse.Namespace) -> Callable[[], None]:

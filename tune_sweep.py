@@ -171,7 +171,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
              configure_logging=True)
     ray_init_s = time.time() - t0
-    if AUTO in (cfg.resources.workers_per_trial, cfg.resources.cpus_per_worker, cfg.resources.gpus_per_worker):
+    res = cfg.resources
+    if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
         cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()

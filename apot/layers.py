@@ -60,7 +60,7 @@ class QuantConv2d(nn.Conv2d):
         self.act_alpha = nn.Parameter(torch.tensor(ACT_ALPHA_INIT))
         weight_levels, act_levels = self.config.weight_levels(), self.config.act_levels()
         self.register_buffer("weight_levels", weight_levels, persistent=False)
-        # Tables padded to one shape for every bit width and quantizer: one compiled graph for all (apot.step).
+        # Tables padded to one shape for every bit width and quantizer: one compiled graph for all.
         self.register_buffer("weight_table", lookup_table(weight_levels, TABLE_SCALE), persistent=False)
         self.register_buffer("act_levels", act_levels, persistent=False)
         self.register_buffer("act_table", lookup_table(act_levels, TABLE_SCALE), persistent=False)

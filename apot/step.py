@@ -26,9 +26,12 @@ graph, so the first trial of an arch compiles and the others load it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,9 +41,13 @@ STEP_MODES = ("auto", "eager", "compile", "cudagraph")
 CPU_AUTO_MODE = "eager"
 """What ``auto`` means on a CPU. Measured (README, "Fast step"): on this project's 2-core CPU the compiled
 step is faster per step but its compile time does not pay for itself within a trial's 25 epochs."""
+COMPILE_BACKEND = os.environ.get("APOT_COMPILE_BACKEND", "inductor")
+"""``torch.compile`` backend. ``aot_eager`` traces the same forward and backward graphs (Dynamo +
+AOTAutograd) but runs them without code generation: for debugging numerics, and for the DDP test on CPU."""
 WARMUP_STEPS = 3
 """Eager/compiled steps before a CUDA graph is captured (cuDNN autotuning, optimizer state, compile)."""
 
+CACHE_DIR_ENV = "APOT_COMPILE_CACHE"  # set by use_compile_cache: where compile_lock keeps its lock files
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Environment read by Inductor/AOTAutograd (also by their compile subprocesses).
@@ -82,7 +89,7 @@ def use_compile_cache(folder: str | os.PathLike[str]) -> Path:
     """
     path = Path(folder).resolve()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.environ.update(CACHE_ENV, TORCHINDUCTOR_CACHE_DIR=str(path))
+    os.environ.update(CACHE_ENV, TORCHINDUCTOR_CACHE_DIR=str(path), **{CACHE_DIR_ENV: str(path)})
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -91,6 +98,23 @@ def use_compile_cache(folder: str | os.PathLike[str]) -> Path:
     if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
         functorch_config.autograd_cache_allow_custom_autograd_functions = True
     return path
+
+
+@contextlib.contextmanager
+def compile_lock(key: str) -> Iterator[None]:
+    """Hold an exclusive file lock named ``key`` in the shared compile cache (`use_compile_cache`), if one is
+    in use: trials that would compile the same graph at the same time take turns, so only the first
+    compiles. Released when the holder exits or dies (``flock``)."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if not folder:
+        yield
+        return
+    with open(Path(folder) / f"compile-{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -102,7 +126,8 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         ValueError: not ``torch.optim.SGD`` (the one optimizer this project uses).
     """
     if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"compile: cudagraph captures torch.optim.SGD steps, got {type(optimizer).__name__}; "
+        raise ValueError(f"compile: cudagraph captures torch.optim.SGD steps, got "
+                         f"{type(optimizer).__name__}; "
                          "use compile or eager")
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], torch.Tensor):
@@ -124,9 +149,9 @@ class TrainStep:
         self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
         self.setup_s = 0.0
         self.steps = 0
-        self.forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self._forward
+        self.forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
         if mode != "eager":
-            self.forward = torch.compile(self._forward, dynamic=False)
+            self.forward = torch.compile(self._forward, dynamic=False, backend=COMPILE_BACKEND)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, ...] = ()
 
@@ -143,36 +168,39 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
-        if self.mode == "cudagraph":
-            return self._graph_step(x, y)
-        if self.mode == "eager" or self.steps > 1:
+        if self.mode == "eager" or (self.mode == "compile" and self.steps > 1):
             return self._eager_step(x, y)
-        start = time.perf_counter()  # first compiled call: compiles the forward and backward graphs
-        out = self._eager_step(x, y)
+        if self._graph is not None:
+            if x.shape == self._static[0].shape and y.shape == self._static[1].shape:
+                static_x, static_y, loss, logits = self._static
+                static_x.copy_(x)
+                static_y.copy_(y)
+                self._graph.replay()
+                return loss, logits
+            return self._eager_step(x, y)  # a batch of another shape: compiled, outside the graph
+        start = time.perf_counter()
+        # The first call compiles: under the shared cache, one trial compiles a graph while the others
+        # with the same graph wait, then load it from the cache instead of compiling it again.
+        with compile_lock(self._graph_key(x)) if self.steps == 1 else contextlib.nullcontext():
+            if self.mode == "compile":
+                out = self._eager_step(x, y)
+            elif self.steps <= WARMUP_STEPS:  # warm up on a side stream, as torch.cuda.graphs asks
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self._eager_step(x, y)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+            else:
+                out = self._capture(x, y)
         self.setup_s += time.perf_counter() - start
         return out
 
-    def _graph_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._graph is not None and x.shape == self._static[0].shape and y.shape == self._static[1].shape:
-            static_x, static_y, loss, logits = self._static
-            static_x.copy_(x)
-            static_y.copy_(y)
-            self._graph.replay()
-            return loss, logits
-        if self._graph is not None:  # a batch of another shape: run it compiled, outside the graph
-            return self._eager_step(x, y)
-        start = time.perf_counter()
-        if self.steps <= WARMUP_STEPS:  # warm up on a side stream, as torch.cuda.graphs asks
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self._eager_step(x, y)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-        else:
-            out = self._capture(x, y)
-        self.setup_s += time.perf_counter() - start
-        return out
+    def _graph_key(self, x: torch.Tensor) -> str:
+        """What identifies the compiled graph: shapes of every parameter and buffer, the batch, the mode."""
+        shapes = [(n, tuple(t.shape)) for n, t in [*self.net.named_parameters(), *self.net.named_buffers()]]
+        text = repr((shapes, tuple(x.shape), x.device.type, self.mode, COMPILE_BACKEND))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Capture forward + backward + optimizer step on static copies of this batch, then replay it once
@@ -199,7 +227,8 @@ def build_step(
 
     Args:
         net: called as ``net(x)`` for the logits.
-        optimizer: built by the caller (any parameter groups); only ``cudagraph`` changes it (`make_capturable`).
+        optimizer: built by the caller (any parameter groups); only ``cudagraph`` changes it
+            (`make_capturable`).
         loss_fn: ``loss_fn(logits, y)`` -> scalar loss.
         mode: one of `STEP_MODES` (``auto`` resolves with `resolve_mode`).
         device, world_size: where the step runs and the number of DDP ranks.

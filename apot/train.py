@@ -291,6 +291,7 @@ def run_trial(
             "act_alpha_mean": _mean_alpha(model, "act_alpha"),
             "step_mode": step.mode,
             "compile_s": step.setup_s - setup_before,  # compile/capture seconds inside this epoch
+            "gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
         history.append(metrics)
         if on_epoch is not None:
@@ -356,7 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--compile", default=d.compile, choices=STEP_MODES,
-                   help="training step: auto (CUDA graph on one GPU, eager on CPU), eager, compile, cudagraph")
+                   help="training step: auto (a CUDA graph on one GPU, eager on CPU), eager, compile, "
+                        "cudagraph")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and result.json (resumes from it)")
     return p.parse_args(argv)
 

@@ -74,7 +74,8 @@ def run_layout(layout: str, args: argparse.Namespace) -> float:
     n = args.cores
     base = [sys.executable, __file__, "--worker", "--data-dir", args.data_dir, "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
     if layout == "threads":
         cmds = [base + ["--threads", str(n)]]
     elif layout == "ranks":

@@ -136,12 +136,14 @@ BAD_SETS = [
     (["train.schedule=linear"], r"train\.schedule: 'linear' is not a learning-rate schedule; "
                                 r"allowed: cosine, step, constant"),
     (["train.train_subset=70000"], r"train\.train_subset: 70000 exceeds the 60000 training images"),
-    (["train.batch_size=127", "resources.workers_per_trial=2"], r"train\.batch_size: 127 is the global batch and must be divisible by "
+    (["train.batch_size=127", "resources.workers_per_trial=2"],
+     r"train\.batch_size: 127 is the global batch and must be divisible by "
                                r"resources\.workers_per_trial \(2\)"),
     (["grid.power=[true,1]"], r"grid\.power: 1 is not true \(APoT\) or false \(uniform\)"),
     (["grid.seed=[0,0]"], r"grid\.seed: 0 is listed twice"),
     (["grid.bit=[]"], r"grid\.bit: the list is empty"),
-    (["resources.gpus_per_worker=0.5", "resources.workers_per_trial=2"], r"resources\.gpus_per_worker: 0\.5 is a fractional GPU with "
+    (["resources.gpus_per_worker=0.5", "resources.workers_per_trial=2"],
+     r"resources\.gpus_per_worker: 0\.5 is a fractional GPU with "
                                         r"resources\.workers_per_trial: 2; two NCCL ranks .* use "
                                         r"workers_per_trial: 1, or whole GPUs per rank"),
     (["resources.gpus_per_worker=1.5"], r"resources\.gpus_per_worker: 1\.5: above 1 it must be a whole "),
@@ -250,7 +252,8 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
                                           r"4 x 1 = 4 CPUs but the cluster has 2"):
         check_resources(_cfg("resources.workers_per_trial=4"), {"CPU": 2, "GPU": 0})
     with pytest.raises(ConfigError, match=r"= 2 GPUs but the cluster has 1"):
-        check_resources(_cfg("resources.gpus_per_worker=1", "resources.workers_per_trial=2"), {"CPU": 8, "GPU": 1})
+        check_resources(_cfg("resources.gpus_per_worker=1", "resources.workers_per_trial=2"),
+                        {"CPU": 8, "GPU": 1})
 
 
 @pytest.mark.parametrize(("overrides", "available", "expected"), [
@@ -265,7 +268,7 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
     (("grid.bit=[4]", "resources.workers_per_trial=1"), {"CPU": 64}, 6),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 16, "GPU": 1}, 4),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 3, "GPU": 1}, 3),
-    (("resources.gpus_per_worker=1", "resources.workers_per_trial=2"), {"CPU": 16, "GPU": 4}, 2),  # 2 GPUs/trial
+    (("resources.gpus_per_worker=1", "resources.workers_per_trial=2"), {"CPU": 16, "GPU": 4}, 2),
     (("resources.workers_per_trial=2",), {"CPU": 16, "GPU": 4}, 2),  # auto: a whole GPU per rank
     (("resources.max_concurrent_trials=3",), {"CPU": 2}, 3),       # configured wins
 ])
@@ -297,6 +300,7 @@ def test_bad_auto_values_are_one_line() -> None:
         _cfg("resources.trials_per_gpu=0")
     with pytest.raises(ConfigError, match=r"resources\.workers_per_trial: 'two' is not an integer"):
         _cfg("resources.workers_per_trial=two")
-    with pytest.raises(ConfigError, match=r"train\.compile: 'fast' is not a training-step mode; allowed: auto, "
+    with pytest.raises(ConfigError, match=r"train\.compile: 'fast' is not a training-step mode; "
+                                          r"allowed: auto, "
                                           r"eager, compile, cudagraph"):
         _cfg("train.compile=fast")

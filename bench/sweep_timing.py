@@ -39,6 +39,10 @@ def _trial_row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _pct(d: dict[str, Any], key: str) -> float | None:
+    return 100 * d[key] if key in d else None
+
+
 def _fmt(v: Any, spec: str = ".1f") -> str:
     return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
@@ -52,12 +56,14 @@ def summarize(experiment: Path, wall: float | None) -> tuple[str, dict[str, Any]
         prov = json.loads(results.read_text()).get("provenance", {}) or {}
     wall = wall or prov.get("wall_time_s")
     lines = [f"# Sweep timing: {experiment}", ""]
-    lines.append("| trial | state | epochs | step | compile s | start-up s | img/s | epoch s | GPU MiB | acc |")
+    lines.append("| trial | state | epochs | step | compile s | start-up s | img/s | epoch s | GPU MiB "
+                 "| acc |")
     lines.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for t in rows:
         lines.append(f"| {t['trial']} | {t['state']} | {t['epochs']} | {_fmt(t['step_mode'])} | "
                      f"{_fmt(t['compile_s'])} | {_fmt(t['startup_s'])} | {_fmt(t['images_per_s'], '.0f')} | "
-                     f"{_fmt(t['epoch_s'])} | {_fmt(t['gpu_mem_mb'], '.0f')} | {_fmt(t['final_test_acc'], '.2f')} |")
+                     f"{_fmt(t['epoch_s'])} | {_fmt(t['gpu_mem_mb'], '.0f')} | "
+                     f"{_fmt(t['final_test_acc'], '.2f')} |")
     lines += ["", "| arch | trials | img/s per trial (median) | compile s (max / median) | GPU MiB (max) |",
               "|---|---:|---:|---:|---:|"]
     per_arch: dict[str, Any] = {}
@@ -86,9 +92,9 @@ def summarize(experiment: Path, wall: float | None) -> tuple[str, dict[str, Any]
         overall["trial_startup_share"] = overall["trial_startup_s"] / (overall["concurrency"] * wall)
     lines += ["", f"Wall {_fmt(wall, '.0f')} s; {overall['finished']}/{len(rows)} trials finished; "
                   f"{images} training images, {_fmt(overall['images_per_s_total'], '.0f')} img/s in total; "
-                  f"ray.init {_fmt(overall['ray_init_s'])} s ({_fmt(100 * overall['ray_init_share'] if 'ray_init_share' in overall else None)}% of "
+                  f"ray.init {_fmt(overall['ray_init_s'])} s ({_fmt(_pct(overall, 'ray_init_share'))}% of "
                   f"wall); trial start-up {_fmt(overall['trial_startup_s'], '.0f')} s summed "
-                  f"({_fmt(100 * overall['trial_startup_share'] if 'trial_startup_share' in overall else None)}% of the "
+                  f"({_fmt(_pct(overall, 'trial_startup_share'))}% of the "
                   f"{_fmt(overall['concurrency'], 'd')} trial slots' time)."]
     return "\n".join(lines), {"overall": overall, "per_arch": per_arch, "trials": rows}
 

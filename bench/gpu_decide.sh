@@ -16,7 +16,7 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # shellcheck source=/dev/null
 source .gpu/ray/install.sh || { echo "FATAL: Ray bundle did not import"; exit 3; }
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 python3 -m apot.data check --data-dir .gpu/mnist || exit 4
 python3 tune_sweep.py --dry-run --data-dir .gpu/mnist --storage .gpu/runs | tail -n 6

@@ -9,9 +9,9 @@
 # and .gpu/mnist/MNIST/raw/*.gz. The sweep lives in .gpu/runs (kept on the machine while it stays warm), so
 # a second call resumes it with --resume. At DEADLINE the sweep gets SIGINT (Tune saves its state and
 # stops; every finished epoch is already checkpointed) and the report is rebuilt from the records.
-# Brought back in $OUT: results.json, results.csv, tables.md, accuracy_vs_bits.png, records/, the README
-# with the tables (complete sweeps only), timing.md / timing.json (bench/sweep_timing.py), gpu_usage.csv
-# (nvidia-smi every 5 s), sweep.log.
+# Brought back in $OUT (the run tool returns at most 8 files): results.json, results.csv, tables.md,
+# accuracy_vs_bits.png, timing.md (bench/sweep_timing.py), README.md with the tables (complete sweeps only),
+# and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/apot-gpu-sweep}
@@ -22,32 +22,35 @@ mkdir -p "$out"
 t0=$(date +%s)
 # shellcheck source=/dev/null
 source .gpu/ray/install.sh || { echo "FATAL: Ray bundle did not import"; exit 3; }
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+extras=$(mktemp -d)
 resume=()
 [ -f "$experiment/sweep_config.json" ] && resume=(--resume)
-nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$out/gpu_usage.csv" &
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$extras/gpu_usage.csv" &
 smi=$!
 echo "setup $(( $(date +%s) - t0 )) s; sweep ${resume[*]:-new}, deadline ${deadline} s"
 s0=$(date +%s)
 timeout --signal=INT --kill-after=45 "$deadline" \
   python3 tune_sweep.py --data-dir .gpu/mnist --storage "$storage" --display plain --update-readme \
-  "${resume[@]}" ${APOT_SWEEP_ARGS:-} > "$out/sweep.log" 2>&1
+  "${resume[@]}" ${APOT_SWEEP_ARGS:-} > "$extras/sweep.log" 2>&1
 rc=$?
 wall=$(( $(date +%s) - s0 ))
 kill "$smi" 2>/dev/null
 echo "tune_sweep.py exit $rc after $wall s"
-tail -n 40 "$out/sweep.log"
+tail -n 40 "$extras/sweep.log"
 if [ "$rc" -ne 0 ]; then  # stopped or failed: rebuild the results files from the records (not the README)
-  python3 tune_sweep.py --report-only --data-dir .gpu/mnist --storage "$storage" > "$out/report.log" 2>&1
+  python3 tune_sweep.py --report-only --data-dir .gpu/mnist --storage "$storage" > "$extras/report.log" 2>&1
 fi
-for f in results.json results.csv tables.md accuracy_vs_bits.png sweep_config.json; do
+for f in results.json results.csv tables.md accuracy_vs_bits.png; do
   [ -f "$experiment/$f" ] && cp "$experiment/$f" "$out/"
 done
-[ -d "$experiment/records" ] && cp -r "$experiment/records" "$out/"
+[ -f "$experiment/sweep_config.json" ] && cp "$experiment/sweep_config.json" "$extras/"
+[ -d "$experiment/records" ] && cp -r "$experiment/records" "$extras/"
 [ "$rc" -eq 0 ] && cp README.md "$out/README.md"
 total_wall=$(( $(cat "$storage/wall_s" 2>/dev/null || echo 0) + wall ))  # all calls of this sweep
 echo "$total_wall" > "$storage/wall_s"
-python3 bench/sweep_timing.py "$experiment" --wall "$total_wall" --json "$out/timing.json" > "$out/timing.md"
+python3 bench/sweep_timing.py "$experiment" --wall "$total_wall" --json "$extras/timing.json" > "$out/timing.md"
 cat "$out/timing.md"
+tar -C "$extras" -czf "$out/extras.tar.gz" .
 echo "total $(( $(date +%s) - t0 )) s"
 exit "$rc"

@@ -114,38 +114,30 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, one_thread: None) -> None:
-    """Inductor (C++ on CPU) against eager on the same weights and batch: logits, input gradient and both
-    alpha gradients within float32 reduction-order noise (rtol 1e-4, atol 1e-5); then two optimizer steps
-    through build_step leave the same weights."""
-    torch._dynamo.reset()
+    """Inductor (C++ on CPU) against eager, through build_step, from the same weights on the same batches:
+    loss, logits, the input gradient, both alpha gradients and the weight gradient of the first step, then
+    the weights after a second step, all within float32 reduction-order noise (rtol 1e-4, atol 1e-5)."""
     use_compile_cache(tmp_path / "cache")
-    x, y = _batch()
-    results = []
-    for compiled in (False, True):
-        model = _tiny()
-        fn = torch.compile(model, dynamic=False) if compiled else model
-        x_req = x.clone().requires_grad_()
-        logits = fn(x_req)
-        F.cross_entropy(logits, y).backward()
-        conv = model[1]
-        results.append((logits.detach(), x_req.grad, conv.weight_alpha.grad, conv.act_alpha.grad,
-                        conv.weight.grad))
-    for eager, comp in zip(*results, strict=True):
-        assert eager is not None and comp is not None
-        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
-    assert results[0][2].abs() > 0 and results[0][3].abs() > 0  # the alphas do get gradients
-
-    finals = []
+    runs = []
     for mode in ("eager", "compile"):
         model = _tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         step = build_step(model, opt, F.cross_entropy, mode=mode, device=CPU)
-        losses = [step(*_batch(i))[0] for i in range(2)]
+        x, y = _batch(0)
+        x.requires_grad_()  # the step's backward also reaches the input
+        loss, logits = step(x, y)
+        conv = model[1]
+        first = [loss, logits, x.grad, conv.weight_alpha.grad, conv.act_alpha.grad, conv.weight.grad]
+        first = [t.detach().clone() for t in first]
+        step(*_batch(1))
         assert step.mode == mode and (step.setup_s > 0) == (mode == "compile")
-        finals.append((losses, [p.detach().clone() for p in model.parameters()]))
-    torch.testing.assert_close(finals[1][0], finals[0][0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(finals[0][1], finals[1][1], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        runs.append((first, [p.detach().clone() for p in model.parameters()]))
+    (eager_first, eager_params), (comp_first, comp_params) = runs
+    for eager, comp in zip(eager_first, comp_first, strict=True):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    assert eager_first[3].abs() > 0 and eager_first[4].abs() > 0  # the alphas do get gradients
+    for eager, comp in zip(eager_params, comp_params, strict=True):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
 
 
 DDP_COMPILE = textwrap.dedent("""
@@ -167,26 +159,24 @@ DDP_COMPILE = textwrap.dedent("""
 def test_ddp_with_a_compiled_step_over_gloo(synthetic_mnist_root: Path, tmp_path: Path) -> None:
     """Two real gloo ranks train through the compiled step (Dynamo's DDP graph split, AOTAutograd; the
     ``aot_eager`` backend keeps CI time down, inductor is covered above): both ranks end with the same
-    weights, the record says how the step ran, and the result tracks the eager run closely."""
+    weights, the loss falls, and the record says how the step ran."""
     script = tmp_path / "ddp_compile.py"
     script.write_text(DDP_COMPILE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "APOT_COMPILE_BACKEND": "aot_eager",
            "PYTHONPATH": str(REPO)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for mode in ("compile", "eager"):
-        subprocess.run([*torchrun, str(script), str(synthetic_mnist_root), str(tmp_path), mode], check=True,
-                       env=env, capture_output=True, timeout=300, cwd=REPO)
+    subprocess.run([*torchrun, str(script), str(synthetic_mnist_root), str(tmp_path), "compile"], check=True,
+                   env=env, capture_output=True, timeout=300, cwd=REPO)
     r0, r1 = (torch.load(tmp_path / f"compile_rank{r}.pt", weights_only=False) for r in (0, 1))
-    eager = torch.load(tmp_path / "eager_rank0.pt", weights_only=False)
     assert r0["world"] == r1["world"] == 2
     assert r0["result"]["step_mode"] == "compile" and r0["result"]["compile_s"] > 0
-    assert eager["result"]["step_mode"] == "eager" and eager["result"]["compile_s"] == 0
     for key, tensor in r0["model"].items():
-        assert torch.equal(tensor, r1["model"][key]), key
-    h_c, h_e = r0["result"]["history"], eager["result"]["history"]
-    assert [h["step_mode"] for h in h_c] == ["compile", "compile"]
-    assert h_c[1]["compile_s"] == 0  # compiled once, in epoch 1
-    assert abs(h_c[0]["train_loss"] - h_e[0]["train_loss"]) < 1e-3 * abs(h_e[0]["train_loss"])
+        assert torch.equal(tensor, r1["model"][key]), key  # the gradients were all-reduced
+    history = r0["result"]["history"]
+    assert [h["step_mode"] for h in history] == ["compile", "compile"]
+    assert history[1]["compile_s"] == 0  # compiled once, in epoch 1
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert list((tmp_path / "cache").glob("compile-*.lock"))  # the shared cache and its lock were used
 
 
 # ---------------------------------------------------------------------------------------- CUDA graphs

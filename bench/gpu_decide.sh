@@ -8,7 +8,7 @@
 #      Its compiles land in the sweep's compile cache, so the sweep's ResNet-18 trials load them.
 # Everything it prints also goes to $OUT (the run tool brings that folder back).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-/tmp/apot-gpu-decide}
 mkdir -p "$out"
 exec > >(tee "$out/decide.log") 2>&1
@@ -22,7 +22,7 @@ python3 -m apot.data check --data-dir .gpu/mnist || exit 4
 python3 tune_sweep.py --dry-run --data-dir .gpu/mnist --storage .gpu/runs | tail -n 6
 echo "setup took $(( $(date +%s) - t0 )) s"
 cache=$PWD/.gpu/runs/apot_mnist/compile_cache   # the sweep's shared cache (apot.step.use_compile_cache)
-mkdir -p -m 700 "$cache"
+mkdir -p "$cache" && chmod 700 "$cache"
 TORCHINDUCTOR_CACHE_DIR=$cache TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=1 \
   timeout 170 python3 bench/bench_step.py --device cuda --modes eager compile cudagraph --bits 4 \
   --projections table --steps 30 --warmup 5

@@ -13,7 +13,7 @@
 # accuracy_vs_bits.png, timing.md (bench/sweep_timing.py), README.md with the tables (complete sweeps only),
 # and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-/tmp/apot-gpu-sweep}
 deadline=${DEADLINE:-480}
 storage=.gpu/runs
@@ -24,6 +24,7 @@ t0=$(date +%s)
 source .gpu/ray/install.sh || { echo "FATAL: Ray bundle did not import"; exit 3; }
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 extras=$(mktemp -d)
+read -ra extra_args <<< "${APOT_SWEEP_ARGS:-}"  # e.g. APOT_SWEEP_ARGS="--set train.compile=compile"
 resume=()
 [ -f "$experiment/sweep_config.json" ] && resume=(--resume)
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$extras/gpu_usage.csv" &
@@ -32,7 +33,7 @@ echo "setup $(( $(date +%s) - t0 )) s; sweep ${resume[*]:-new}, deadline ${deadl
 s0=$(date +%s)
 timeout --signal=INT --kill-after=45 "$deadline" \
   python3 tune_sweep.py --data-dir .gpu/mnist --storage "$storage" --display plain --update-readme \
-  "${resume[@]}" ${APOT_SWEEP_ARGS:-} > "$extras/sweep.log" 2>&1
+  "${resume[@]}" "${extra_args[@]}" > "$extras/sweep.log" 2>&1
 rc=$?
 wall=$(( $(date +%s) - s0 ))
 kill "$smi" 2>/dev/null

@@ -104,7 +104,7 @@ def use_compile_cache(folder: str | os.PathLike[str]) -> Path:
 def compile_lock(key: str) -> Iterator[None]:
     """Hold an exclusive file lock named ``key`` in the shared compile cache (`use_compile_cache`), if one is
     in use: trials that would compile the same graph at the same time take turns, so only the first
-    compiles. Released when the holder exits or dies (``flock``)."""
+    compiles. Released when the holder exits or dies (``flock``). Single-rank trials only (`TrainStep`)."""
     folder = os.environ.get(CACHE_DIR_ENV)
     if not folder:
         yield
@@ -145,8 +145,10 @@ class TrainStep:
             eager. What a trial records as its compile time.
     """
 
-    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str) -> None:
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
+                 world_size: int = 1) -> None:
         self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
+        self.world_size = world_size
         self.setup_s = 0.0
         self.steps = 0
         self.forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
@@ -180,8 +182,10 @@ class TrainStep:
             return self._eager_step(x, y)  # a batch of another shape: compiled, outside the graph
         start = time.perf_counter()
         # The first call compiles: under the shared cache, one trial compiles a graph while the others
-        # with the same graph wait, then load it from the cache instead of compiling it again.
-        with compile_lock(self._graph_key(x)) if self.steps == 1 else contextlib.nullcontext():
+        # with the same graph wait, then load it from the cache instead of compiling it again. Never across
+        # DDP ranks: a rank waiting for the lock would block the holder's collectives (a deadlock).
+        lock = self.steps == 1 and self.world_size == 1
+        with compile_lock(self._graph_key(x)) if lock else contextlib.nullcontext():
             if self.mode == "compile":
                 out = self._eager_step(x, y)
             elif self.steps <= WARMUP_STEPS:  # warm up on a side stream, as torch.cuda.graphs asks
@@ -243,4 +247,4 @@ def build_step(
         # x / alpha onto the levels, so a last-bit difference could move a value across a midpoint.
         if hasattr(inductor_config, "eager_numerics"):
             inductor_config.eager_numerics.division_rounding = True
-    return TrainStep(net, optimizer, loss_fn, concrete)
+    return TrainStep(net, optimizer, loss_fn, concrete, world_size)

@@ -138,6 +138,7 @@ def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, one_thread
     assert eager_first[3].abs() > 0 and eager_first[4].abs() > 0  # the alphas do get gradients
     for eager, comp in zip(eager_params, comp_params, strict=True):
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("compile-*.lock"))) == 1  # one graph, compiled under its lock
 
 
 DDP_COMPILE = textwrap.dedent("""

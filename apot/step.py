@@ -39,8 +39,10 @@ from torch import nn
 
 STEP_MODES = ("auto", "eager", "compile", "cudagraph")
 CPU_AUTO_MODE = "eager"
-"""What ``auto`` means on a CPU. Measured (README, "Fast step"): on this project's 2-core CPU the compiled
-step is faster per step but its compile time does not pay for itself within a trial's 25 epochs."""
+"""What ``auto`` means on a CPU. Compiling is not shown to pay off there: the compiled CPU step was not
+measured to completion on the (heavily shared) 2-core machine this was built on, and every CPU test and
+quick sweep would pay a compile of minutes (README, "Fast step and resources"). ``compile`` is one setting
+away (``--set train.compile=compile``)."""
 COMPILE_BACKEND = os.environ.get("APOT_COMPILE_BACKEND", "inductor")
 """``torch.compile`` backend. ``aot_eager`` traces the same forward and backward graphs (Dynamo +
 AOTAutograd) but runs them without code generation: for debugging numerics, and for the DDP test on CPU."""

@@ -28,6 +28,7 @@ from apot.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CSV_COLUMNS",
@@ -39,6 +40,7 @@ __all__ = [
     "csv_text",
     "delta_cell",
     "hyper_params_cell",
+    "learning_curves_figure",
     "load_history",
     "load_results",
     "markdown_tables",
@@ -423,11 +425,12 @@ def _curve_label(bit: int, power: bool) -> str:
     return "FP32" if int(bit) == 32 else f"{'APoT' if power else 'uniform'} {precision_cell(bit)}"
 
 
-def plot_learning_curves(records: list[dict[str, Any]], provenance: dict[str, Any]) -> bytes:
-    """learning_curves.png as bytes: test accuracy per epoch of every trial with a history (unfinished ones
-    too, as far as they got), a panel per arch. Colour = bit width, solid = APoT, dashed = uniform; seeds
-    of one point share colour and style. The y axis is accuracy on a log scale of the error (100 - acc),
-    so 99.0 -> 99.5 -> 99.9 stay apart; 100% is drawn at 99.99%."""
+def learning_curves_figure(records: list[dict[str, Any]], provenance: dict[str, Any]) -> Figure:
+    """The learning-curve figure: test accuracy per epoch of every trial with a history (unfinished ones
+    too, as far as they got), a panel per arch, one line per trial. Colour = bit width (``BIT_COLOURS``),
+    solid = APoT, dashed = uniform, one legend entry per (quantizer, bits); seeds of one point share colour
+    and style. The y axis is accuracy on a log scale of the error (100 - acc), so 99.0, 99.5 and 99.9 stay
+    apart; 100% is drawn at 99.99%."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -454,9 +457,9 @@ def plot_learning_curves(records: list[dict[str, Any]], provenance: dict[str, An
     handles: dict[tuple[bool, int], Any] = {}  # (not power, -bit): APoT before uniform, bits descending
     for ax, arch in zip(axes[: len(archs)], archs, strict=True):
         accs = []
-        for r in sorted((r for r in curves if r["arch"] == arch), key=lambda r: (-int(r["bit"]),
-                                                                                 not r["power"])):
-            points = [(h["epoch"], float(h["test_acc"])) for h in r["history"] if _is_number(h.get("test_acc"))]
+        for r in sorted((r for r in curves if r["arch"] == arch), key=lambda r: -int(r["bit"])):
+            points = [(h["epoch"], float(h["test_acc"])) for h in r["history"]
+                      if _is_number(h.get("test_acc"))]
             xs, ys = zip(*points, strict=True)
             accs += ys
             bit, power = int(r["bit"]), bool(r["power"])
@@ -491,8 +494,13 @@ def plot_learning_curves(records: list[dict[str, Any]], provenance: dict[str, An
     if quick:
         title += "\n" + quick.strip("()").replace("quick run", "QUICK RUN", 1)
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_learning_curves(records: list[dict[str, Any]], provenance: dict[str, Any]) -> bytes:
+    """learning_curves.png as bytes (``learning_curves_figure``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    learning_curves_figure(records, provenance).savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
 

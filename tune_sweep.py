@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
                    help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
     args = p.parse_args(argv)
-    if args.config is None:
+    args.default_config = args.config is None
+    if args.default_config:
         args.config = str(default_config())
     return args
 
@@ -210,6 +211,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    if args.default_config and not Path(DEFAULT_CONFIG).is_file():
+        print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)

@@ -43,7 +43,7 @@ def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path: Path, package_in) -> 
     git(package.parent, "commit", "-qm", "c")
     head = git(package.parent, "rev-parse", "HEAD")
     assert provenance.git_state() == (head, False)
-    assert provenance.collect(["tune_sweep.py"])["code"] == f"apot {apot.__version__}, git {head[:12]}"
+    assert provenance.code_line(*provenance.git_state()) == f"apot {apot.__version__}, git {head[:12]}"
 
     (package / "__init__.py").write_text((package / "__init__.py").read_text() + "# edited\n")
     assert provenance.git_state() == (head, True)
@@ -60,7 +60,7 @@ def test_untracked_package_inside_a_repository_is_not_a_checkout(tmp_path: Path,
     git(tmp_path, "add", "README")
     git(tmp_path, "commit", "-qm", "c")
     assert provenance.git_state() == (None, None)
-    assert provenance.collect([str(package.parents[2] / "bin" / "apot-sweep")])["code"] == \
+    assert provenance.code_line(*provenance.git_state()) == \
         f"apot {apot.__version__}, not a git checkout (installed package)"
 
 
@@ -121,7 +121,7 @@ def test_version_flag_and_default_config_outside_the_checkout(tmp_path: Path) ->
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "grid.bit: 7 is not a supported bit width" in out.stderr
-    assert "search_space.yaml: no such file" not in out.stderr
+    assert out.stdout.startswith(f"config: {REPO / 'search_space.yaml'} (the default;")
 
 
 def test_installed_package_ships_the_default_config() -> None:

@@ -54,7 +54,7 @@ def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path: Path, package_in) -> 
 
 @needs_git
 def test_untracked_package_inside_a_repository_is_not_a_checkout(tmp_path: Path, package_in) -> None:
-    package = package_in(".venv/lib/site-packages")  # a venv inside some project's repository
+    package_in(".venv/lib/site-packages")  # a venv inside some project's repository
     git(tmp_path, "init", "-q")
     (tmp_path / "README").write_text("x")
     git(tmp_path, "add", "README")

@@ -9,7 +9,8 @@ Keys (None where unknown):
     ``code``       one line for people: ``apot 0.1.0, git 1a2b3c4d5e6f (uncommitted changes)``, or
                    ``apot 0.1.0, not a git checkout (installed package)``
     ``git_commit`` the full commit hash of the checkout the apot package was imported from, or None
-    ``git_dirty``  True when tracked files differ from that commit (untracked files are not counted)
+    ``git_dirty``  True when tracked files differ from that commit or the apot package holds files git does
+                   not track (a new module); other untracked files (results, logs) do not count
     ``python``, ``torch``, ``ray``   versions
     ``gpu_model``, ``gpu_count``     the cluster's GPUs (Ray's view when Ray is up, else this host's CUDA)
     ``command``    the command line, shell-quoted
@@ -51,8 +52,11 @@ def git_state() -> tuple[str | None, bool | None]:
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None, None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return commit, None if status is None else bool(status)
+    tracked = _git("status", "--porcelain", "--untracked-files=no")
+    in_package = _git("status", "--porcelain", "--untracked-files=all", "--", ".")  # '.' = the package dir
+    if tracked is None or in_package is None:
+        return commit, None
+    return commit, bool(tracked) or any(line.startswith("??") for line in in_package.splitlines())
 
 
 def code_line(commit: str | None, dirty: bool | None) -> str:

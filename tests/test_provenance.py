@@ -45,6 +45,11 @@ def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path: Path, package_in) -> 
     assert provenance.git_state() == (head, False)
     assert provenance.code_line(*provenance.git_state()) == f"apot {apot.__version__}, git {head[:12]}"
 
+    (tmp_path / "checkout" / "notes.txt").write_text("untracked, outside the package: not code")
+    assert provenance.git_state() == (head, False)
+    (package / "new_module.py").write_text("X = 1\n")  # untracked code inside the package
+    assert provenance.git_state() == (head, True)
+    (package / "new_module.py").unlink()
     (package / "__init__.py").write_text((package / "__init__.py").read_text() + "# edited\n")
     assert provenance.git_state() == (head, True)
     assert provenance.code_line(head, True).endswith("(uncommitted changes)")

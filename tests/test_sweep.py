@@ -189,9 +189,12 @@ def _git_head(repo: Path) -> tuple[str | None, bool | None]:
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return None, None
-    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                            capture_output=True, text=True, check=True)
-    return head.stdout.strip(), bool(status.stdout.strip())
+    def status(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "status", "--porcelain", *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    untracked_code = "??" in status("--untracked-files=all", "--", "apot")
+    return head.stdout.strip(), bool(status("--untracked-files=no").strip()) or untracked_code
 
 
 def test_results_record_provenance_and_no_secret(finished_sweep: Path, synthetic_mnist_root: Path) -> None:

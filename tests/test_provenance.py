@@ -113,20 +113,17 @@ def test_gpus_of_this_host_without_ray() -> None:
 
 
 # ------------------------------------------------------------------------------------------ the command
-def test_version_flag_and_default_config_outside_the_checkout(tmp_path: Path) -> None:
-    """`--version` prints the version and commit; run from a folder without search_space.yaml, the script
-    uses the one beside it (a bad --set then fails in one line naming that file: config was found)."""
-    script = str(REPO / "tune_sweep.py")
+def test_version_flag(tmp_path: Path) -> None:
+    """`--version` prints the version and commit, from any folder (the default config outside a checkout is
+    tested with a real sweep's storage: test_sweep.py::test_report_only_outside_the_checkout)."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, script, "--version"], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run([sys.executable, str(REPO / "tune_sweep.py"), "--version"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"tune_sweep.py {apot.__version__} (")
-    out = subprocess.run([sys.executable, script, "--report-only", "--set", "grid.bit=[7]"], cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "grid.bit: 7 is not a supported bit width" in out.stderr
-    assert out.stdout.startswith(f"config: {REPO / 'search_space.yaml'} (the default;")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI, development): the commit is named
+        assert f"(git {head.stdout.strip()[:12]}" in out.stdout
 
 
 def test_installed_package_ships_the_default_config() -> None:

@@ -268,6 +268,7 @@ def test_report_only_outside_the_checkout(finished_sweep: Path, synthetic_mnist_
     env = os.environ if installed else {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("config: ") and "search_space.yaml (the default;" in r.stdout.splitlines()[0]
     assert {n: (finished_sweep / n).read_bytes() for n in before} == before
     assert (finished_sweep / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

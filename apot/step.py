@@ -131,9 +131,8 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         raise ValueError(f"compile: cudagraph captures torch.optim.SGD steps, got "
                          f"{type(optimizer).__name__}; "
                          "use compile or eager")
-    for group in optimizer.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    for group in optimizer.param_groups:  # also a tensor lr restored from a checkpoint onto another device
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         group["fused"], group["foreach"] = True, False
     optimizer.defaults.update(fused=True, foreach=False)
 

@@ -27,7 +27,7 @@ from apot.quant import (
     project_table,
     table_levels,
 )
-from apot.step import build_step, resolve_mode, use_compile_cache
+from apot.step import build_step, make_capturable, resolve_mode, use_compile_cache
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -220,3 +220,16 @@ def test_cudagraph_trial_records_its_mode(synthetic_mnist_root: Path, tmp_path: 
     result = run_trial(cfg, compile_cache=tmp_path / "cache")
     assert result["step_mode"] == "cudagraph" and result["compile_s"] > 0
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+
+
+def test_make_capturable_keeps_values_and_moves_the_lr() -> None:
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt.param_groups[0]["lr"] = torch.tensor(0.025, dtype=torch.float64)  # e.g. restored from a checkpoint
+    make_capturable(opt, CPU)
+    group = opt.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32
+    assert float(group["lr"]) == pytest.approx(0.025) and group["fused"] and not group["foreach"]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+    with pytest.raises(ValueError, match=r"cudagraph captures torch.optim.SGD steps, got Adam"):
+        make_capturable(torch.optim.Adam(model.parameters()), CPU)

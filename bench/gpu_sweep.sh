@@ -10,7 +10,8 @@
 # a second call resumes it with --resume. At DEADLINE the sweep gets SIGINT (Tune saves its state and
 # stops; every finished epoch is already checkpointed) and the report is rebuilt from the records.
 # Brought back in $OUT (the run tool returns at most 8 files): results.json, results.csv, tables.md,
-# accuracy_vs_bits.png, timing.md (bench/sweep_timing.py), README.md with the tables (complete sweeps only),
+# accuracy_vs_bits.png, learning_curves.png, timing.md (bench/sweep_timing.py), README.md with the tables
+# (complete sweeps only),
 # and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -42,7 +43,7 @@ tail -n 40 "$extras/sweep.log"
 if [ "$rc" -ne 0 ]; then  # stopped or failed: rebuild the results files from the records (not the README)
   python3 tune_sweep.py --report-only --data-dir .gpu/mnist --storage "$storage" > "$extras/report.log" 2>&1
 fi
-for f in results.json results.csv tables.md accuracy_vs_bits.png; do
+for f in results.json results.csv tables.md accuracy_vs_bits.png learning_curves.png; do
   [ -f "$experiment/$f" ] && cp "$experiment/$f" "$out/"
 done
 [ -f "$experiment/sweep_config.json" ] && cp "$experiment/sweep_config.json" "$extras/"

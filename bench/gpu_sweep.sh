@@ -11,8 +11,7 @@
 # stops; every finished epoch is already checkpointed) and the report is rebuilt from the records.
 # Brought back in $OUT (the run tool returns at most 8 files): results.json, results.csv, tables.md,
 # accuracy_vs_bits.png, learning_curves.png, timing.md (bench/sweep_timing.py), README.md with the tables
-# (complete sweeps only),
-# and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
+# (complete sweeps only) and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-/tmp/apot-gpu-sweep}

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,7 +28,8 @@ from typing import Any
 from apot import report
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
-from apot.sweep import collect_records, param_space, trial_driver
+from apot.checkpoint import write_json
+from apot.sweep import collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
@@ -69,6 +71,46 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
                 f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
                 "or start a new sweep with --set name=<new name>"
             )
+
+
+class GracefulStop:
+    """SIGTERM (kill, timeout, scancel) and SIGUSR1 stop the sweep as Ctrl-C does.
+
+    Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
+    tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. slurm/ray_cluster.sh
+    sends SIGTERM on Slurm's time-limit warning. A second signal stops at once, as a second Ctrl-C does.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        """(Re)install the handlers. Call again after ``ray.init``: Ray's core worker replaces the SIGTERM
+        handler with its crash handler (the native "*** SIGTERM received ... PC:" trace, then an abort)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            print(f"got {signal.Signals(signum).name}: stopping the trials at their last checkpoint and writing "
+                  "the tables; --resume continues (send it again to stop at once)", file=sys.stderr, flush=True)
+        # Whatever Ctrl-C does now: inside Tuner.fit Tune's handler (stop the trials, save the experiment),
+        # elsewhere (and for a second signal) Python's KeyboardInterrupt.
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if not callable(on_interrupt):
+            raise KeyboardInterrupt
+        on_interrupt(signal.SIGINT, frame)
+
+
+def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
+    """After a stopped sweep no trial runs: its records say INCOMPLETE (resumable), not RUNNING."""
+    for record in collect_records(experiment, points):
+        if record["state"] == "RUNNING":
+            record["state"] = "INCOMPLETE"
+            write_json(record, record_path(experiment, record))
 
 
 def hardware_summary() -> str:
@@ -126,7 +168,8 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
+              stop: GracefulStop) -> dict[str, Any]:
     """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
     import ray
     from ray import tune
@@ -137,6 +180,7 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     t0 = time.time()
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
              configure_logging=True)
+    stop.install()
     ray_init_s = time.time() - t0
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
@@ -186,6 +230,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    stop = GracefulStop()
+    stop.install()
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
@@ -207,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         experiment.mkdir(parents=True, exist_ok=True)
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
-            extra = run_sweep(cfg, args, experiment)
+            extra = run_sweep(cfg, args, experiment, stop)
         except ConfigError as exc:
             return fail(str(exc))
+        except KeyboardInterrupt:  # a second signal: stopped at once; the records are as the trials left them
+            print("stopped at once: tables from the records as they are", file=sys.stderr, flush=True)
+            stop.received = stop.received or signal.SIGINT
+        if stop.received is not None:
+            mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 
@@ -225,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_readme:
         report.update_readme(Path(__file__).with_name("README.md"), tables, prov)
     finished = sum(r["state"] == "TERMINATED" for r in records)
+    if stop.received is not None:
+        return 128 + stop.received
     return 0 if finished == len(cfg.trials()) else 1
 
 

@@ -102,13 +102,19 @@ def read_log(out: Path) -> str:
     return out.read_text(errors="replace") if out.exists() else "(no job log)"
 
 
+def job_tmp_dirs(job: int) -> list[Path]:
+    """The job's private Ray temp dirs (ray_cluster.sh: mktemp -d /tmp/ray-<job>-XXXXXX, one per node)."""
+    return sorted(Path("/tmp").glob(f"ray-{job}-*"))
+
+
 def assert_nothing_left(job: int, timeout_s: float = 60) -> None:
     """No process of the job (by SLURM_JOB_ID in its environment) and none under its Ray temp dirs; then
     the temp dirs (Ray's logs) are removed, as job ids restart with every fresh local cluster."""
-    for needle in (f"SLURM_JOB_ID={job}", f"/tmp/ray-{job}/"):
+    for needle in (f"SLURM_JOB_ID={job}", f"/tmp/ray-{job}-"):
         left = wait_until_gone(needle, timeout_s)
         assert not left, f"job {job} left processes behind ({needle}): {left}"
-    shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
+    for folder in job_tmp_dirs(job):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ stand-in driver
@@ -138,6 +144,9 @@ report = {"argv": sys.argv[1:], "auth_mode": os.environ.get("RAY_AUTH_MODE"), "t
 ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
 nodes = [n for n in ray.nodes() if n["Alive"]]
 report["nodes"] = sorted(n["NodeID"] for n in nodes)
+report["head_address"] = ray.get_runtime_context().gcs_address
+report["tmp_dirs"] = {str(d): [d.is_symlink(), d.stat().st_uid, oct(d.stat().st_mode & 0o777)]
+                      for d in Path("/tmp").glob(f"ray-{os.environ['SLURM_JOB_ID']}-*")}
 report["cpus"] = ray.cluster_resources().get("CPU")
 
 @ray.remote(num_cpus=1)
@@ -190,7 +199,7 @@ def assert_token_kept_secret(job: int, standin: dict[str, str], out: Path) -> No
         token = token_file.read_text()
         assert len(token) == 64
         assert token not in read_log(out), "the token was printed to the job log"
-        for path in Path(f"/tmp/ray-{job}").rglob("*"):
+        for path in (p for folder in job_tmp_dirs(job) for p in folder.rglob("*")):
             if path.is_file() and not path.is_socket():
                 assert token not in path.read_text(errors="ignore"), f"the token is in {path}"
 
@@ -210,8 +219,8 @@ def test_job_forms_two_node_cluster_with_token_auth(slurm_env, standin, tmp_path
     for probe in ("wrong_token", "no_auth"):
         assert run[probe]["rc"] != 0 and run[probe]["rejected"], run[probe]["stderr"]
     assert "--resume" not in run["argv"]  # resume detection is for tune_sweep.py only
-    assert run["argv"][:4] == ["--address", f"127.0.0.1:{20000 + job % 798 * 16}", "--storage",
-                               standin["APOT_STORAGE"]]  # the GCS port derived from the job id
+    assert run["argv"][:4] == ["--address", run["head_address"], "--storage", standin["APOT_STORAGE"]]
+    assert re.fullmatch(r"[0-9.]+:[0-9]+", run["head_address"])  # read from the head's own temp dir
     assert "2 node(s) (n1 n2)" in log and "Ray cluster up: 2 nodes" in log
     assert_token_kept_secret(job, standin, out)
     assert_nothing_left(job)
@@ -245,7 +254,7 @@ def test_cancelled_job_leaves_no_processes(slurm_env, standin, tmp_path: Path) -
     out = tmp_path / "job.out"
     job = submit(slurm_env, out, "--hold", "600", extra_env=standin)
     wait_for_file(Path(standin["APOT_STORAGE"]) / "holding", job, slurm_env, out, timeout_s=300)
-    assert processes_referencing(f"/tmp/ray-{job}/")  # the check sees the live cluster
+    assert processes_referencing(f"/tmp/ray-{job}-")  # the check sees the live cluster
     token = (Path(standin["APOT_STORAGE"]) / "token0").read_text()
     assert not processes_referencing(token), "the token is on a command line"
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True)

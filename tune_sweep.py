@@ -77,8 +77,10 @@ class GracefulStop:
     """SIGTERM (kill, timeout, scancel) and SIGUSR1 stop the sweep as Ctrl-C does.
 
     Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
-    tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. slurm/ray_cluster.sh
-    sends SIGTERM on Slurm's time-limit warning. A second signal stops at once, as a second Ctrl-C does.
+    tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. A signal before the
+    Tuner runs is acted on when it would start (``run_sweep`` checks ``received``). slurm/ray_cluster.sh
+    sends SIGTERM on Slurm's time-limit warning. A second signal exits at once (records and checkpoints are
+    already on disk; ``--report-only`` rebuilds the tables).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -93,16 +95,16 @@ class GracefulStop:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signum
-            print(f"got {signal.Signals(signum).name}: stopping the trials at their last checkpoint and writing "
-                  "the tables; --resume continues (send it again to stop at once)", file=sys.stderr, flush=True)
-        # Whatever Ctrl-C does now: inside Tuner.fit Tune's handler (stop the trials, save the experiment),
-        # elsewhere (and for a second signal) Python's KeyboardInterrupt.
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"got {name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"got {name}: stopping the trials at their last checkpoint and writing the tables; --resume "
+              "continues (send it again to exit at once)", file=sys.stderr, flush=True)
         on_interrupt = signal.getsignal(signal.SIGINT)
-        if not callable(on_interrupt):
-            raise KeyboardInterrupt
-        on_interrupt(signal.SIGINT, frame)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)  # inside Tuner.fit: Tune's Ctrl-C (stop trials, save state)
 
 
 def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
@@ -223,7 +225,8 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
             ),
         )
     with progress:
-        tuner.fit()
+        if stop.received is None:  # else stopped before the trials started
+            tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
 
 
@@ -256,9 +259,6 @@ def main(argv: list[str] | None = None) -> int:
             extra = run_sweep(cfg, args, experiment, stop)
         except ConfigError as exc:
             return fail(str(exc))
-        except KeyboardInterrupt:  # a second signal: stopped at once; the records are as the trials left them
-            print("stopped at once: tables from the records as they are", file=sys.stderr, flush=True)
-            stop.received = stop.received or signal.SIGINT
         if stop.received is not None:
             mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():

@@ -68,6 +68,8 @@ ReturnToService=2
 JobRequeue=1
 MailProg=/bin/true
 KillWait=30
+# A job past its time limit gets a minute more before the kill: room for ray_cluster.sh's stop and requeue.
+OverTimeLimit=1
 MinJobAge=600
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid

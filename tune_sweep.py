@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from apot import report
+from apot.checkpoint import write_json
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
-from apot.checkpoint import write_json
 from apot.sweep import collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"

@@ -66,7 +66,8 @@ def slurm_env() -> Iterator[dict[str, str]]:
 def submit(env: dict[str, str], out: Path, *args: str, extra_env: dict[str, str] | None = None,
            sbatch: tuple[str, ...] = ()) -> int:
     """sbatch [sbatch options] slurm/ray_cluster.sh [args] from the repository root; returns the job id."""
-    done = subprocess.run(["sbatch", "--parsable", f"--output={out}", *sbatch, str(RAY_CLUSTER), *args], cwd=REPO,
+    command = ["sbatch", "--parsable", f"--output={out}", *sbatch, str(RAY_CLUSTER), *args]
+    done = subprocess.run(command, cwd=REPO,
                           env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip().split(";")[0])
@@ -403,7 +404,7 @@ def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_e
     envs = [make_standin(tmp_path / name) for name in ("a", "b")]
     jobs = [submit(slurm_env, tmp_path / f"{name}.out", "--hold", "15", extra_env=env,
                    sbatch=("--hold", "--nodes=1", "-w", "n1", "--cpus-per-task=1"))
-            for name, env in zip("ab", envs)]
+            for name, env in zip("ab", envs, strict=True)]
     squatters, planted = [], []
     try:
         for job in jobs:
@@ -415,13 +416,13 @@ def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_e
             planted.append((link, target))
         subprocess.run(["scontrol", "release", *map(str, jobs)], env=slurm_env, check=True)
         results = [wait_for_job(slurm_env, job, tmp_path / f"{name}.out", timeout_s=300)
-                   for job, name in zip(jobs, "ab")]
+                   for job, name in zip(jobs, "ab", strict=True)]
     finally:
         for squatter in squatters:
             squatter.close()
         for link, _ in planted:
             link.unlink(missing_ok=True)
-    for (state, code), name in zip(results, "ab"):
+    for (state, code), name in zip(results, "ab", strict=True):
         assert (state, code) == ("COMPLETED", "0:0"), read_log(tmp_path / f"{name}.out")[-4000:]
     (a,), (b,) = runs(envs[0]), runs(envs[1])
     fields = [job_fields(slurm_env, job) for job in jobs]
@@ -429,12 +430,13 @@ def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_e
     assert len(a["nodes"]) == len(b["nodes"]) == 1 and a["nodes"] != b["nodes"]  # each its own cluster
     assert a["ran_on"] == a["nodes"] and b["ran_on"] == b["nodes"]
     assert a["head_address"] != b["head_address"]
-    for job, run, squatter in zip(jobs, (a, b), squatters):
+    for job, run, squatter in zip(jobs, (a, b), squatters, strict=True):
         assert not run["head_address"].endswith(f":{20000 + job % 798 * 16}")
         assert squatter.received == [], f"the squatter of job {job} got connections: {squatter.received}"
         assert len(run["tmp_dirs"]) == 1, run["tmp_dirs"]  # one node: the head's folder
         for folder, (is_link, uid, mode) in run["tmp_dirs"].items():
-            assert folder.startswith(f"/tmp/ray-{job}-") and not is_link and (uid, mode) == (os.getuid(), "0o700")
+            assert folder.startswith(f"/tmp/ray-{job}-") and not is_link
+            assert (uid, mode) == (os.getuid(), "0o700"), folder
     for _, target in planted:
         assert list(target.iterdir()) == [], f"something was written through the planted link: {target}"
     for job in jobs:
@@ -449,7 +451,7 @@ ATTEMPT_LINE = re.compile(r"ray_cluster: job \d+ \(restart (\d+)\)")
 def attempts(log: str) -> list[str]:
     """The job log (--open-mode=append) cut into one part per run of the job, in order."""
     starts = [m.start() for m in ATTEMPT_LINE.finditer(log)]
-    return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)])]
+    return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)], strict=True)]
 
 
 def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float) -> tuple[str, str]:
@@ -479,7 +481,8 @@ def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path
     order, over the runs (nothing lost but the epoch in flight, no finished trial or epoch trained again)."""
     out, storage = tmp_path / "job.out", tmp_path / "results"
     epochs = 20
-    job = submit(slurm_env, out, "--data-dir", str(tiny_mnist), "--display", "plain", "--set", "name=slurm_time_limit",
+    job = submit(slurm_env, out, "--data-dir", str(tiny_mnist), "--display", "plain",
+                 "--set", "name=slurm_time_limit",
                  "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[2]", "--set", "grid.power=[true,false]",
                  "--set", "grid.seed=[0]", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=64",
                  "--set", "train.width=4", "--set", "resources.workers_per_trial=1",
@@ -557,9 +560,9 @@ def test_private_temp_dir_check_refuses_planted_dirs(plant: str, tmp_path: Path)
             folder.chmod(0o755)
         else:
             os.chown(folder, 65534, 65534)
-    script = 'source "$1" && check_private_dir "$2" && d=$(private_tmp_dir "$3") && check_private_dir "$d" && echo "$d"'
+    script = 'source "$1" && check_private_dir "$2"'
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    got = subprocess.run(["bash", "-c", script, "_", str(RAY_CLUSTER), str(folder), str(tmp_path)], env=clean,
+    got = subprocess.run(["bash", "-c", script, "_", str(RAY_CLUSTER), str(folder)], env=clean,
                          capture_output=True, text=True, timeout=30)
     assert got.returncode == 1 and "refusing it as a Ray temp dir" in got.stderr, got.stderr
     assert len(got.stderr.strip().splitlines()) == 1
@@ -567,6 +570,7 @@ def test_private_temp_dir_check_refuses_planted_dirs(plant: str, tmp_path: Path)
                            str(tmp_path)], env=clean, capture_output=True, text=True, timeout=30)
     path = Path(made.stdout.strip())
     assert made.returncode == 0 and path.parent == tmp_path and path.name.startswith("ray-x-")
+    assert subprocess.run(["bash", "-c", script, "_", str(RAY_CLUSTER), str(path)], env=clean).returncode == 0
     assert (path.lstat().st_uid, path.lstat().st_mode & 0o777) == (os.getuid(), 0o700)
 
 
@@ -583,8 +587,8 @@ def test_local_cluster_refuses_an_unsafe_state_dir(plant: str, tmp_path: Path) -
         state.mkdir(mode=0o755)
         state.chmod(0o755)
     for command in ("start", "stop", "status"):
-        got = subprocess.run(["bash", str(LOCAL_CLUSTER), command], env={**os.environ, "APOT_SLURM_DIR": str(state)},
-                             capture_output=True, text=True, timeout=30)
+        got = subprocess.run(["bash", str(LOCAL_CLUSTER), command], capture_output=True, text=True,
+                             env={**os.environ, "APOT_SLURM_DIR": str(state)}, timeout=30)
         assert got.returncode == 1 and f"{state} is " in got.stderr and "run again" in got.stderr, got.stderr
         assert got.stdout == ""
     assert (tmp_path / "elsewhere" / "keep").exists()

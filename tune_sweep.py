@@ -87,6 +87,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.received_at = 0.0  # time.time() of the first signal
 
     def install(self) -> None:
         """(Re)install the handlers. Call again after ``ray.init``: Ray's core worker replaces the SIGTERM
@@ -99,7 +100,7 @@ class GracefulStop:
         if self.received is not None:
             print(f"got {name} again: exiting at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self.received_at = signum, time.time()
         print(f"got {name}: stopping the trials at their last checkpoint and writing the tables; --resume "
               "continues (send it again to exit at once)", file=sys.stderr, flush=True)
         on_interrupt = signal.getsignal(signal.SIGINT)
@@ -107,12 +108,17 @@ class GracefulStop:
             on_interrupt(signal.SIGINT, frame)  # inside Tuner.fit: Tune's Ctrl-C (stop trials, save state)
 
 
-def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
-    """After a stopped sweep no trial runs: its records say INCOMPLETE (resumable), not RUNNING."""
+def mark_stopped(experiment: Path, points: list[dict[str, Any]], stopped_at: float) -> None:
+    """After a stopped sweep no trial runs: the records of the trials it stopped say INCOMPLETE (resumable),
+    not RUNNING, nor ERROR when the error is the stop itself (a trial's TorchTrainer can raise as Tune stops
+    it: such a record was written after the signal)."""
     for record in collect_records(experiment, points):
-        if record["state"] == "RUNNING":
-            record["state"] = "INCOMPLETE"
-            write_json(record, record_path(experiment, record))
+        path = record_path(experiment, record)
+        stopped_error = record["state"] == "ERROR" and path.stat().st_mtime >= stopped_at
+        if record["state"] == "RUNNING" or stopped_error:
+            record.update(state="INCOMPLETE", error=None)
+            record.pop("traceback", None)
+            write_json(record, path)
 
 
 def hardware_summary() -> str:
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             return fail(str(exc))
         if stop.received is not None:
-            mark_stopped(experiment, cfg.trials())
+            mark_stopped(experiment, cfg.trials(), stop.received_at)
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 

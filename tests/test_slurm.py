@@ -149,8 +149,10 @@ ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
 nodes = [n for n in ray.nodes() if n["Alive"]]
 report["nodes"] = sorted(n["NodeID"] for n in nodes)
 report["head_address"] = ray.get_runtime_context().gcs_address
-report["tmp_dirs"] = {str(d): [d.is_symlink(), d.stat().st_uid, oct(d.stat().st_mode & 0o777)]
-                      for d in Path("/tmp").glob(f"ray-{os.environ['SLURM_JOB_ID']}-*")}
+# The private folder around this node's Ray temp dir (<folder>/r/session_...), as the driver's node sees it.
+session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+own = session.parent.parent
+report["tmp_dirs"] = {str(own): [own.is_symlink(), own.lstat().st_uid, oct(own.lstat().st_mode & 0o777)]}
 report["cpus"] = ray.cluster_resources().get("CPU")
 
 @ray.remote(num_cpus=1)
@@ -396,14 +398,14 @@ class Squatter:
 
 @slurm
 def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_env, tmp_path: Path) -> None:
-    """Two jobs at once on node n1. Before they start, the GCS port each head would have had (derived from
+    """Two jobs at once on node n2. Before they start, the GCS port each head would have had (derived from
     the job id, which squeue shows) is bound by a squatter, and each job's old temp dir /tmp/ray-<job> is
     planted as a link to another user's folder. Both jobs form their own one-node cluster and complete; the
     squatters get no connection (so no token); nothing goes through the planted links; each node's temp dir
     is a private folder (not a link, this user's, 0700) of its own job."""
     envs = [make_standin(tmp_path / name) for name in ("a", "b")]
     jobs = [submit(slurm_env, tmp_path / f"{name}.out", "--hold", "15", extra_env=env,
-                   sbatch=("--hold", "--nodes=1", "-w", "n1", "--cpus-per-task=1"))
+                   sbatch=("--hold", "--nodes=1", "-w", "n2", "--cpus-per-task=1"))
             for name, env in zip("ab", envs, strict=True)]
     squatters, planted = [], []
     try:
@@ -480,7 +482,7 @@ def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path
     the sweep is done. What ran, from the job log: every epoch of every trial was reported exactly once, in
     order, over the runs (nothing lost but the epoch in flight, no finished trial or epoch trained again)."""
     out, storage = tmp_path / "job.out", tmp_path / "results"
-    epochs = 20
+    epochs = 30
     job = submit(slurm_env, out, "--data-dir", str(tiny_mnist), "--display", "plain",
                  "--set", "name=slurm_time_limit",
                  "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[2]", "--set", "grid.power=[true,false]",

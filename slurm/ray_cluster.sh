@@ -340,6 +340,12 @@ main() {
     GPUS=$(gpus_per_node)
     STEP_PIDS=()
     STEP_NODES=()
+    # From here on every exit tears down; a time-limit warning (USR1, whose default action would kill this
+    # script) requeues the job whenever it comes.
+    trap teardown EXIT
+    trap 'log "got SIGTERM"; exit 143' TERM
+    trap 'log "got SIGINT"; exit 130' INT
+    trap on_time_limit USR1
     [[ -f $SWEEP_ENTRY ]] || die "$SWEEP_ENTRY not found in $SLURM_SUBMIT_DIR (submit from the repository root)"
     mkdir -p "$STORAGE" || die "cannot create the storage folder $STORAGE"
 
@@ -370,11 +376,6 @@ main() {
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
     # On SIGTERM, stop at once instead of draining (draining only helps serving workloads).
     export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
-
-    trap teardown EXIT
-    trap 'log "got SIGTERM"; exit 143' TERM
-    trap 'log "got SIGINT"; exit 130' INT
-    trap on_time_limit USR1
 
     log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${#nodes[@]} node(s) (${nodes[*]}), $CPUS CPUs and $GPUS GPUs each; head $HEAD_NODE, Ray temp dir $HEAD_TMP/r"
     local deadline=$((SECONDS + CLUSTER_TIMEOUT_S)) i

@@ -29,7 +29,7 @@ from apot import report
 from apot.checkpoint import write_json
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
-from apot.sweep import collect_records, param_space, record_path, trial_driver
+from apot.sweep import STOP_MARKER, collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
@@ -85,9 +85,9 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, marker: Path | None = None) -> None:
         self.received: int | None = None
-        self.received_at = 0.0  # time.time() of the first signal
+        self.marker = marker  # touched on the first signal: trials then raising were stopped, not failed
 
     def install(self) -> None:
         """(Re)install the handlers. Call again after ``ray.init``: Ray's core worker replaces the SIGTERM
@@ -100,7 +100,9 @@ class GracefulStop:
         if self.received is not None:
             print(f"got {name} again: exiting at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.received, self.received_at = signum, time.time()
+        self.received = signum
+        if self.marker is not None:
+            self.marker.touch()
         print(f"got {name}: stopping the trials at their last checkpoint and writing the tables; --resume "
               "continues (send it again to exit at once)", file=sys.stderr, flush=True)
         on_interrupt = signal.getsignal(signal.SIGINT)
@@ -108,17 +110,13 @@ class GracefulStop:
             on_interrupt(signal.SIGINT, frame)  # inside Tuner.fit: Tune's Ctrl-C (stop trials, save state)
 
 
-def mark_stopped(experiment: Path, points: list[dict[str, Any]], stopped_at: float) -> None:
+def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
     """After a stopped sweep no trial runs: the records of the trials it stopped say INCOMPLETE (resumable),
-    not RUNNING, nor ERROR when the error is the stop itself (a trial's TorchTrainer can raise as Tune stops
-    it: such a record was written after the signal)."""
+    not RUNNING (a trial that raised as Tune stopped it wrote INCOMPLETE itself: see ``STOP_MARKER``)."""
     for record in collect_records(experiment, points):
-        path = record_path(experiment, record)
-        stopped_error = record["state"] == "ERROR" and path.stat().st_mtime >= stopped_at
-        if record["state"] == "RUNNING" or stopped_error:
-            record.update(state="INCOMPLETE", error=None)
-            record.pop("traceback", None)
-            write_json(record, path)
+        if record["state"] == "RUNNING":
+            record["state"] = "INCOMPLETE"
+            write_json(record, record_path(experiment, record))
 
 
 def hardware_summary() -> str:
@@ -260,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     if not args.report_only:
         experiment.mkdir(parents=True, exist_ok=True)
+        stop.marker = experiment / STOP_MARKER
+        stop.marker.unlink(missing_ok=True)  # left by a stop of an earlier run of this sweep
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
             extra = run_sweep(cfg, args, experiment, stop)
         except ConfigError as exc:
             return fail(str(exc))
         if stop.received is not None:
-            mark_stopped(experiment, cfg.trials(), stop.received_at)
+            mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 

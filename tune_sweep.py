@@ -74,16 +74,16 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
 
 
 class GracefulStop:
-    """SIGTERM (kill, timeout, scancel) and SIGUSR1 stop the sweep as Ctrl-C does.
+    """SIGTERM (kill, timeout, scancel, slurm/ray_cluster.sh's time-limit stop) stops the sweep as Ctrl-C does.
 
     Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
     tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. A signal before the
-    Tuner runs is acted on when it would start (``run_sweep`` checks ``received``). slurm/ray_cluster.sh
-    sends SIGTERM on Slurm's time-limit warning. A second signal exits at once (records and checkpoints are
-    already on disk; ``--report-only`` rebuilds the tables).
+    Tuner runs is acted on when it would start (``run_sweep`` checks ``received``). A second signal exits
+    at once (records and checkpoints are already on disk; ``--report-only`` rebuilds the tables). (SIGUSR1
+    is Tune's own stop signal inside ``Tuner.fit``; slurm/ray_cluster.sh turns Slurm's USR1 into SIGTERM.)
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM,)
 
     def __init__(self, marker: Path | None = None) -> None:
         self.received: int | None = None

@@ -74,7 +74,7 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
 
 
 class GracefulStop:
-    """SIGTERM (kill, timeout, scancel, slurm/ray_cluster.sh's time-limit stop) stops the sweep as Ctrl-C does.
+    """SIGTERM (kill, timeout, scancel, ray_cluster.sh on the time limit) stops the sweep as Ctrl-C does.
 
     Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
     tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. A signal before the

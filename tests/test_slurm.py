@@ -474,6 +474,10 @@ def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float)
                 pytest.fail("the first run reached no epoch before the time limit: this machine is too slow "
                             "(loaded?) for the test's sizes; try APOT_TEST_TIME_LIMIT_MIN=3 "
                             f"APOT_TEST_TIME_LIMIT_EPOCHS=6\n{read_log(out)[-4000:]}")
+            # Only once the last run is gone: a run started while the last one is still being cleaned up on
+            # its node is killed by Slurm ("Job credential revoked").
+            left = wait_until_gone(f"SLURM_JOB_ID={job}", timeout_s=120)
+            assert not left, f"the last run of job {job} left processes behind: {left}"
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
             nudged.add(fields["Restarts"])
         time.sleep(0.5)

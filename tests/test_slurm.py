@@ -490,8 +490,9 @@ def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float)
 def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path, tmp_path: Path) -> None:
     """A 2-minute job for a sweep that needs more: Slurm's warning (USR1, 1 s before the limit as asked,
     up to 30 s earlier as Slurm checks every 30 s) stops the sweep, the job requeues itself and resumes, until
-    the sweep is done. What ran, from the job log: every epoch of every trial was reported exactly once, in
-    order, over the runs (nothing lost but the epoch in flight, no finished trial or epoch trained again)."""
+    the sweep is done. What ran, from the job log: no reported epoch and no finished trial trained again; an
+    epoch not reported is only ever the one a stop caught in flight (it may have been checkpointed during the
+    stop, after the display stopped: then the next run starts after it)."""
     out, storage = tmp_path / "job.out", tmp_path / "results"
     # Sized for an unloaded 2-core runner (estimated: ~40 s of start-up per run, ~0.5 s an epoch, ~11 s to
     # start a trial): 2 x 80 epochs do not fit in one 2-minute run and do in two. On a slower (loaded)
@@ -519,17 +520,25 @@ def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path
 
     reported: dict[str, list[int]] = {}
     finished_in: dict[str, int] = {}
+    in_flight: dict[str, set[int]] = {}  # per trial: the epoch after its last reported one, at each stop
     for i, run in enumerate(runs_):
+        started = set()
         for m in EPOCH_LINE.finditer(run):
             assert m["trial"] not in finished_in, f"{m['trial']} ran again after it finished (run {i})"
             reported.setdefault(m["trial"], []).append(int(m["epoch"]))
         for m in STATE_LINE.finditer(run):
             assert m["trial"] not in finished_in, f"{m['trial']} started again after it finished (run {i})"
+            started.add(m["trial"])
             if m["state"] == "TERMINATED":
                 finished_in[m["trial"]] = i
+        if i < len(runs_) - 1:  # this run ended in a stop
+            for trial in started - set(finished_in):
+                in_flight.setdefault(trial, set()).add((reported.get(trial) or [0])[-1] + 1)
     assert len(reported) == 2 and len(finished_in) == 2, log[-4000:]
     for trial, seen in reported.items():
-        assert seen == list(range(1, epochs + 1)), f"{trial}: epochs reported over the runs {seen}"
+        assert seen == sorted(set(seen)), f"{trial}: an epoch was trained again: {seen}"
+        unseen = set(range(1, epochs + 1)) - set(seen)
+        assert unseen <= in_flight.get(trial, set()), f"{trial}: epochs lost {unseen} (reported {seen})"
     per_run = [[int(m["epoch"]) for m in EPOCH_LINE.finditer(run)] for run in runs_]
     assert sum(bool(r) for r in per_run) >= 2, f"all epochs trained in one run: {per_run}"
 

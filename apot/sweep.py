@@ -12,7 +12,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     sweep_config.json                      the resolved sweep config the experiment started with
     stopping                               present while a signal stops the sweep (tune_sweep.py)
-    results.json/.csv, tables.md, accuracy_vs_bits.png
+    results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class TrainConfig:
             code); False treats them as constants.
         label_smoothing: of the training cross-entropy (the test loss is always plain).
         preset: the name in ``PRESETS`` these values started from (a label; see `from_preset`).
+        compile: how the training step runs (`apot.step`): ``auto``, ``eager``, ``compile`` or ``cudagraph``.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
@@ -89,6 +90,7 @@ class TrainConfig:
     ws_grad: bool = False
     label_smoothing: float = 0.0
     preset: str = "default"
+    compile: str = "auto"
     data_dir: str = "./data"
     device: str = "auto"
 
@@ -122,6 +124,10 @@ class TrainConfig:
             raise ValueError(f"label_smoothing: {self.label_smoothing!r} must be a number in [0, 1)")
         if self.preset not in PRESETS:
             raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        from apot.step import STEP_MODES  # lazily: it imports torch
+
+        if self.compile not in STEP_MODES:
+            raise ValueError(f"compile: {self.compile!r} is not one of {', '.join(STEP_MODES)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

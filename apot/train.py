@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from apot.checkpoint import RESULT_FILE, CheckpointError, load_checkpoint, save_
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
 from apot.models import create_model
 from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE, PRESETS, SCHEDULES, TrainConfig
+from apot.step import STEP_MODES, build_step, use_compile_cache
 
 __all__ = ["SCHEDULES", "TrainConfig", "init_alphas", "make_optimizer", "run_trial"]
 
@@ -199,13 +201,15 @@ def run_trial(
     on_epoch: EpochCallback | None = None,
     resume_state: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    compile_cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` from scratch or from ``resume_state`` (a checkpoint dict) and return the trial result.
 
     After every epoch, every rank calls ``on_epoch(metrics, state)`` with the checkpoint dict ``state``
     (references to the live tensors, not copies); by convention only rank 0 persists it. The result's
     ``final_test_acc`` is the last epoch's test accuracy: the tables' number, with no model selection on
-    the test set.
+    the test set. ``compile_cache``: a folder shared by the trials of a sweep for compiled graphs
+    (`apot.step.use_compile_cache`); unused by eager steps.
     """
     kind = device.type if device is not None else resolve_device(cfg.device, DistInfo()).type
     info = init_distributed(kind)
@@ -236,20 +240,22 @@ def run_trial(
         init_alphas(model, cfg, data)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if info.distributed else model
+    if compile_cache is not None and cfg.compile != "eager":
+        use_compile_cache(compile_cache)
+    loss_fn = partial(F.cross_entropy, label_smoothing=cfg.label_smoothing) if cfg.label_smoothing \
+        else F.cross_entropy
+    step = build_step(net, opt, loss_fn, mode=cfg.compile, device=device, world_size=info.world_size)
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        lr = opt.param_groups[0]["lr"]
+        lr = float(opt.param_groups[0]["lr"])  # a tensor under cudagraph (apot.step.make_capturable)
+        setup_before = step.setup_s
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for x, y in data.train_batches(epoch, cfg.seed, info.rank, info.world_size, per_rank_batch):
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = step(x, y)  # forward, backward, optimizer step: eager, compiled or a CUDA graph
             # accumulate on the device: no host sync per step
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
@@ -275,6 +281,9 @@ def run_trial(
             "epoch_s": time.perf_counter() - t0,
             "weight_alpha_mean": _mean_alpha(model, "weight_alpha"),
             "act_alpha_mean": _mean_alpha(model, "act_alpha"),
+            "step_mode": step.mode,
+            "compile_s": step.setup_s - setup_before,  # compile/capture seconds inside this epoch
+            "gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
         history.append(metrics)
         if on_epoch is not None:
@@ -307,6 +316,8 @@ def summarize(cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]
         "final_train_acc": history[-1]["train_acc"] if history else None,
         "epochs_done": done,
         "wall_time_s": sum(h["epoch_s"] for h in history),
+        "compile_s": sum(h.get("compile_s", 0.0) for h in history),
+        "step_mode": history[-1].get("step_mode") if history else None,
         "error": None,
         "history": history,
     }
@@ -366,6 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", help=f"default {d.device}")
+    p.add_argument("--compile", choices=STEP_MODES,
+                   help="training step: auto (a CUDA graph on one GPU, eager on CPU), eager, compile, "
+                        f"cudagraph (default {d.compile})")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and result.json (resumes from it)")
     return p.parse_args(argv)
 

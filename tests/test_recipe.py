@@ -48,7 +48,7 @@ def integral_mse_alpha(bit: int, signed: bool) -> float:
 
 
 @pytest.mark.parametrize("bit", [2, 4])
-def test_mse_alpha_matches_the_integral_optimum(bit: int) -> None:
+def test_mse_alpha_matches_the_integral_optimum(bit: int, one_thread: None) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1 << 18, generator=g)
     for signed, sample in ((True, x), (False, x.relu())):
@@ -62,7 +62,8 @@ def test_mse_alpha_matches_the_integral_optimum(bit: int) -> None:
     assert integral_mse_alpha(bit, True) == pytest.approx({2: 1.22, 4: 2.64}[bit], abs=0.02)
 
 
-def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_mnist_root: Path) -> None:
+def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_mnist_root: Path,
+                                                                     one_thread: None) -> None:
     torch.manual_seed(0)
     layer = QuantConv2d(4, 4, 3, padding=1, bit=2, power=True)
     model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), layer)  # BN-ReLU of any input: ReLU of a unit normal
@@ -86,7 +87,7 @@ def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_m
     assert all(a != 8.0 for a in first)
 
 
-def test_weight_alphas_are_per_layer_mse_or_the_given_value() -> None:
+def test_weight_alphas_are_per_layer_mse_or_the_given_value(one_thread: None) -> None:
     torch.manual_seed(0)
     model = create_model("resnet10", 4, width=8)
     init_weight_alphas(model)

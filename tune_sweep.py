@@ -35,6 +35,7 @@ from apot.config import (
     ConfigError,
     SweepConfig,
     check_resources,
+    grid_point,
     load_config,
     local_resources,
     resolve_resources,
@@ -275,10 +276,10 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(cfg.grid, train, run),
+            param_space=param_space(cfg.trials(), train, run),
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
-                                        trial_dirname_creator=lambda t: trial_name(t.config),
-                                        trial_name_creator=lambda t: trial_name(t.config)),
+                                        trial_dirname_creator=lambda t: trial_name(grid_point(t.config)),
+                                        trial_name_creator=lambda t: trial_name(grid_point(t.config))),
             run_config=tune.RunConfig(
                 name=cfg.name,
                 storage_path=str(Path(cfg.storage).resolve()),

@@ -30,6 +30,7 @@ __all__ = [
     "Resources",
     "SweepConfig",
     "check_resources",
+    "grid_point",
     "load_config",
     "local_resources",
     "resolve_resources",
@@ -88,6 +89,14 @@ def trial_name(point: Mapping[str, Any]) -> str:
         return f"{point['arch']}_fp32_s{point['seed']}"
     quantizer = "apot" if point["power"] else "uniform"
     return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
+
+
+def grid_point(trial_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The grid point (``arch``, ``bit``, ``power``, ``seed``) of a Tune trial's config: its ``point``
+    (`apot.sweep.param_space`), or the top-level keys of a sweep started before points were one key."""
+    point = trial_config.get("point")
+    source = point if isinstance(point, Mapping) else trial_config
+    return {k: source[k] for k in GRID_KEYS}
 
 
 @dataclass(frozen=True)

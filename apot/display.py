@@ -49,7 +49,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from apot.config import trial_name
+from apot.config import grid_point, trial_name
 
 __all__ = [
     "QUIET_RAY_ENV",
@@ -137,7 +137,9 @@ class TrialRow:
 
     @property
     def label(self) -> str:
-        """``resnet18 4-bit APoT s0``."""
+        """``resnet18 4-bit APoT s0``; full precision: ``resnet18 FP32 s0``."""
+        if self.bit == 32:
+            return f"{self.arch} FP32 s{self.seed}"
         return f"{self.arch} {self.bit}-bit {self.quantizer} s{self.seed}"
 
     @property
@@ -516,7 +518,7 @@ def _trial_error_text(trial: Any) -> str | None:
 class TuneDisplayCallback(Callback):
     """Feeds a `SweepProgress` from Ray Tune's callback hooks (``ray.tune.Callback``, Ray 2.60).
 
-    Reads the grid point from ``trial.config`` (``arch``, ``bit``, ``power``, ``seed``; epochs from
+    Reads the grid point from ``trial.config`` (`apot.config.grid_point`; epochs from
     ``config["train"]["epochs"]`` when present) and the per-epoch metrics from each result. Pickles without
     its progress (Tune pickles the RunConfig, callbacks included, into ``tuner.pkl``); an unpickled copy
     does nothing, so pass a fresh one after ``Tuner.restore``.
@@ -541,26 +543,26 @@ class TuneDisplayCallback(Callback):
         self._synced = True
         for trial in trials:
             if trial.status == "TERMINATED":
-                self.progress.trial_restored(trial.config, trial.last_result or {})
+                self.progress.trial_restored(grid_point(trial.config), trial.last_result or {})
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.progress is not None:
-            self.progress.trial_started(trial.config, self._epochs(trial))
+            self.progress.trial_started(grid_point(trial.config), self._epochs(trial))
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
                         **info: Any) -> None:
         if self.progress is not None:
-            self.progress.trial_result(trial.config, result)
+            self.progress.trial_result(grid_point(trial.config), result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.progress is not None:
-            self.progress.trial_completed(trial.config)
+            self.progress.trial_completed(grid_point(trial.config))
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.progress is not None:
-            self.progress.trial_retrying(trial.config, _trial_error_text(trial),
+            self.progress.trial_retrying(grid_point(trial.config), _trial_error_text(trial),
                                          attempt=getattr(trial, "num_failures", None))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.progress is not None:
-            self.progress.trial_errored(trial.config, _trial_error_text(trial))
+            self.progress.trial_errored(grid_point(trial.config), _trial_error_text(trial))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
-from apot.config import GRID_KEYS, trial_name
+from apot.config import GRID_KEYS, grid_point, trial_name
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
@@ -100,8 +100,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 def trial_driver(config: dict[str, Any]) -> None:
     """The Tune trainable: one grid point -> one ``TorchTrainer`` run (resumed from its checkpoint if any).
 
-    ``config`` holds the grid keys (arch, bit, power, seed), ``train`` (TrainConfig fields) and ``run``
-    (experiment path, DDP workers, resources per worker).
+    ``config`` holds the grid point (``point``: arch, bit, power, seed), ``train`` (TrainConfig fields)
+    and ``run`` (experiment path, DDP workers, resources per worker).
     """
     import ray.train
     import ray.tune
@@ -109,7 +109,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
-    point = {k: config[k] for k in GRID_KEYS}
+    point = grid_point(config)
     run = config["run"]
     experiment = Path(run["experiment_path"])
     cfg = TrainConfig.from_dict({**config["train"], **point})
@@ -152,11 +152,14 @@ def trial_driver(config: dict[str, Any]) -> None:
         raise
 
 
-def param_space(grid: dict[str, list], train: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Tune's search space: a ``grid_search`` per grid key (their cross product), the rest fixed."""
+def param_space(points: list[dict[str, Any]], train: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Tune's search space: one ``grid_search`` over the grid points (``SweepConfig.trials()``: not a plain
+    cross product, since FP32 is one trial per arch x seed), as the trial config's ``point``
+    (`apot.config.grid_point` reads it); the rest fixed."""
     from ray import tune
 
-    return {**{k: tune.grid_search(list(grid[k])) for k in GRID_KEYS}, "train": train, "run": run}
+    return {"point": tune.grid_search([{k: p[k] for k in GRID_KEYS} for p in points]), "train": train,
+            "run": run}
 
 
 def collect_records(experiment: Path, points: list[dict[str, Any]]) -> list[dict[str, Any]]:

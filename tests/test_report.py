@@ -222,7 +222,7 @@ def test_csv_rows(written: dict[str, Path]) -> None:
     assert report.CSV_COLUMNS == (
         "arch", "bit", "quantizer", "seed", "state", "final_test_acc", "best_test_acc", "best_epoch",
         "final_train_acc", "epochs_done", "epochs", "wall_time_s", "batch_size", "lr", "weight_decay",
-        "schedule", "error")
+        "schedule", "size_kb", "compression", "error")
     assert len(rows) == len(RECORDS)
     for row, r in zip(rows, RECORDS, strict=True):
         assert row["arch"] == r["arch"] and int(row["bit"]) == r["bit"] and int(row["seed"]) == r["seed"]

@@ -371,7 +371,19 @@ def build_model(export: dict[str, Any], path: Path | str = "<export>") -> nn.Mod
 def load(path: Path | str) -> nn.Module:
     """Rebuild the quantized model of an export file (eval mode, CPU); same predictions as the checkpoint's
     fake-quantized model. Raises ``ExportError`` (one line) for a missing, corrupt or foreign file."""
-    return build_model(read_export(path), path)
+    return _rebuild(read_export(path), path)
+
+
+def _rebuild(export: dict[str, Any], path: Path | str) -> nn.Module:
+    """``build_model`` with any failure turned into one ``ExportError`` line naming ``path``."""
+    try:
+        return build_model(export, path)
+    except ExportError:
+        raise
+    except Exception as exc:  # a well-formed file with ill-formed content
+        text = str(exc).strip().splitlines()
+        raise _fail(path, f"malformed export ({type(exc).__name__}: {text[0][:120] if text else ''}); "
+                          "export it again") from None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -482,6 +494,10 @@ def size_line(size: dict[str, Any]) -> str:
 
 
 def _export_main(checkpoint: str, out: str) -> int:
+    if Path(out).is_dir():
+        raise _fail(out, "is a folder; --out takes the export file to write")
+    if Path(out).resolve() == (find_checkpoint(checkpoint) / CHECKPOINT_FILE).resolve():
+        raise _fail(out, "is the checkpoint itself; write the export to another file")
     model, config, source = model_from_checkpoint(checkpoint)
     export = export_model(model, config, source)
     path = write_export(export, out)
@@ -496,7 +512,7 @@ def _verify_main(file: str, data_dir: str, checkpoint: str | None) -> int:
     from apot.data import resolve_data_dir
 
     export = read_export(file)  # every input checked before the long part
-    exported = build_model(export, file)
+    exported = _rebuild(export, file)
     ckpt = checkpoint or export.get("source", {}).get("checkpoint")
     if not ckpt:
         raise _fail(file, "records no source checkpoint; pass --checkpoint PATH")

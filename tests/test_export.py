@@ -245,6 +245,10 @@ def test_bad_checkpoints_get_one_line(trained: Path, tmp_path: Path, capsys: pyt
     (tmp_path / "empty").mkdir()
     _one_line_error(capsys, ["--checkpoint", str(tmp_path / "empty"), "--out", out], r"no checkpoint\.pt")
     _one_line_error(capsys, ["--checkpoint", str(tmp_path / "nowhere"), "--out", out], r"no such file")
+    _one_line_error(capsys, ["--checkpoint", str(trained), "--out", str(tmp_path)], r"is a folder")
+    _one_line_error(capsys, ["--checkpoint", str(trained), "--out", str(trained / CHECKPOINT_FILE)],
+                    r"is the checkpoint itself")
+    assert (trained / CHECKPOINT_FILE).read_bytes() == good
     assert not Path(out).exists()
 
 
@@ -283,6 +287,15 @@ def test_bad_exports_get_one_line(trained: Path, synthetic_mnist_root: Path, tmp
     _one_line_error(capsys, ["--verify", str(tmp_path / "none.pt"), *data], r"no such export file")
     with pytest.raises(ex.ExportError, match=r"truncated\.pt: cannot read export"):
         ex.load(tmp_path / "truncated.pt")
+    # well-formed files with ill-formed content
+    export = torch.load(file, weights_only=True)
+    torch.save({"format": ex.FORMAT, "arch": "resnet10"}, tmp_path / "partial.pt")
+    _one_line_error(capsys, ["--verify", str(tmp_path / "partial.pt"), *data],
+                    r"partial\.pt: incomplete export")
+    export["layers"]["layer1.0.conv2"]["codes"] = export["layers"]["layer1.0.conv2"]["codes"][:1]
+    torch.save(export, tmp_path / "shape.pt")
+    with pytest.raises(ex.ExportError, match=r"shape\.pt: layer layer1\.0\.conv2: codes must be an integer"):
+        ex.load(tmp_path / "shape.pt")
     # an export whose checkpoint is another model
     other = tmp_path / "other"
     model = create_model("resnet10", 2, width=4)

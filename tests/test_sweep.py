@@ -72,8 +72,29 @@ def test_sweep_writes_records_tables_csv_png(finished_sweep: Path) -> None:
     with open(finished_sweep / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 4 and {r["state"] for r in csv_rows} == {"TERMINATED"}
+    assert all(float(r["size_kb"]) > 0 and float(r["compression"]) > 1 for r in csv_rows)
     assert (finished_sweep / "accuracy_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((finished_sweep / "results.json").read_text())["provenance"]["epochs"] == 2
+
+
+def test_finished_trials_are_exported(finished_sweep: Path) -> None:
+    """Each finished trial's export decodes to its final checkpoint's model: the same logits."""
+    import torch
+
+    from apot.export import load, model_from_checkpoint, read_export
+
+    x = torch.randn(8, 1, 28, 28)
+    for path in (finished_sweep / "records").glob("*.json"):
+        rec = json.loads(path.read_text())
+        assert rec["export"] == f"exports/{path.stem}.pt" and "export_error" not in rec
+        export = read_export(finished_sweep / rec["export"])
+        assert (export["arch"], export["bit"], export["power"]) == (rec["arch"], rec["bit"], rec["power"])
+        size = export["size"]
+        assert (rec["size_kb"], rec["compression"]) == (size["size_kb"], size["compression"])
+        reference, _, source = model_from_checkpoint(finished_sweep / "train" / path.stem)  # the latest epoch
+        assert source["epoch"] == 2 and export["source"]["checkpoint"] == source["checkpoint"]
+        with torch.no_grad():
+            assert torch.equal(load(finished_sweep / rec["export"])(x), reference(x))
 
 
 def test_report_only_reproduces_the_tables(finished_sweep: Path, synthetic_mnist_root: Path) -> None:

@@ -66,10 +66,8 @@ from apot.models import create_model
 from apot.quant import (
     FULL_PRECISION,
     LEVEL_BITS,
-    lookup_table,
     quantize_8bit,
     quantize_activation,
-    quantize_weight,
 )
 
 FORMAT = "apot-export/1"
@@ -126,7 +124,7 @@ def _quant_conv_entry(name: str, m: QuantConv2d) -> tuple[dict[str, Any], float]
     """(entry, max |decoded - fake-quantized|); raises if the codes do not reproduce the weight exactly."""
     w, alpha = m.weight.detach(), m.weight_alpha.detach()
     _finite(name, w, alpha, m.act_alpha.detach())
-    fake = quantize_weight(w, alpha, m.weight_levels, m.weight_table)  # exactly what forward() uses
+    fake = m.quantized_weight()  # exactly what forward() convolves with
     values = m.weight_levels * alpha  # the same products as the forward's levels[i] * alpha
     codes = level_codes(values, fake)
     if not torch.equal(values[codes], fake):
@@ -254,16 +252,17 @@ def packed_size(export: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the reload
 class CodedQuantConv2d(nn.Module):
     """Inference twin of ``QuantConv2d`` rebuilt from codes: conv(alpha_a P_a(min(x / alpha_a, 1)),
-    weight_values[codes]). The decoded weight is computed once, here (a non-persistent buffer)."""
+    weight_values[codes]). The decoded weight is computed once, here (a non-persistent buffer);
+    ``act_table`` is the lookup table ``QuantConv2d`` builds for these activation levels."""
 
-    def __init__(self, entry: dict[str, Any]) -> None:
+    def __init__(self, entry: dict[str, Any], act_table: torch.Tensor) -> None:
         super().__init__()
         self.stride, self.padding = entry["stride"], entry["padding"]
         self.register_buffer("codes", entry["codes"])
         self.register_buffer("weight_values", entry["weight_values"])
         self.register_buffer("act_levels", entry["act_levels"])
         self.register_buffer("act_alpha", entry["act_alpha"])
-        self.register_buffer("act_table", lookup_table(entry["act_levels"]), persistent=False)
+        self.register_buffer("act_table", act_table, persistent=False)
         self.register_buffer("weight", entry["weight_values"][entry["codes"].long()], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,6 +334,11 @@ def _check_entry(path: Path, name: str, entry: Any, skeleton: nn.Module) -> None
             raise _fail(path, f"layer {name}: weight_values must hold {levels} levels")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= values.numel()):
             raise _fail(path, f"layer {name}: codes outside 0..{values.numel() - 1}")
+        for key in ("weight_levels", "act_levels"):
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor) or not torch.equal(value, getattr(skeleton, key)):
+                raise _fail(path, f"layer {name}: {key} are not those of {skeleton.config.bit}-bit "
+                                  f"{'APoT' if skeleton.config.power else 'uniform'}")
 
 
 def build_model(export: dict[str, Any], path: Path | str = "<export>") -> nn.Module:
@@ -355,7 +359,10 @@ def build_model(export: dict[str, Any], path: Path | str = "<export>") -> nn.Mod
     for name, skeleton in quantized.items():
         entry = layers[name]
         _check_entry(path, name, entry, skeleton)
-        twin = CodedQuantConv2d(entry) if isinstance(skeleton, QuantConv2d) else Coded8bit(entry)
+        if isinstance(skeleton, QuantConv2d):
+            twin: nn.Module = CodedQuantConv2d(entry, skeleton.act_table)
+        else:
+            twin = Coded8bit(entry)
         model.set_submodule(name, twin)
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -67,8 +67,13 @@ class QuantConv2d(nn.Conv2d):
         if self.config.full_precision:
             return super().forward(x)
         x = quantize_activation(x, self.act_alpha, self.act_levels, self.act_table)
-        w = quantize_weight(self.weight, self.weight_alpha, self.weight_levels, self.weight_table)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight ``forward`` convolves with: alpha_w * P_w(clip(w' / alpha_w, -1, 1)) (``apot.export``
+        encodes exactly this tensor)."""
+        return quantize_weight(self.weight, self.weight_alpha, self.weight_levels, self.weight_table)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bit={self.config.bit}, power={self.config.power}"

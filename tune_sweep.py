@@ -6,6 +6,9 @@
     python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
+    python tune_sweep.py --dry-run            # print the resolved config, trials, resources; start nothing
+
+`pip install .` installs this script as the command `apot-sweep` (same flags).
 
 Flow: search_space.yaml -> apot.config (validated before Ray starts) -> apot.sweep (one Tune trial per grid
 point, each a TorchTrainer DDP run) -> records/<trial>.json -> apot.report (results.json/csv, tables.md, PNG).
@@ -17,26 +20,64 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from apot import provenance as code_provenance
 from apot import report
-from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
+from apot.config import (
+    AUTO,
+    ConfigError,
+    SweepConfig,
+    check_resources,
+    load_config,
+    local_resources,
+    resolve_resources,
+    trial_name,
+)
 from apot.data import MNISTDataError, ensure_mnist
 from apot.sweep import collect_records, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
+DEFAULT_CONFIG = "search_space.yaml"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
 TRIAL_DEFINING_KEYS = ("grid", "train", "data_dir")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the apot version and the git commit, worked out only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(code_provenance.version_text(parser.prog))
+        parser.exit()
+
+
+def default_config() -> Path:
+    """``search_space.yaml`` in the working directory, else the one shipped with apot (beside this script in a
+    checkout, ``apot/search_space.yaml`` in an installed package)."""
+    candidates = [Path(DEFAULT_CONFIG), Path(__file__).with_name(DEFAULT_CONFIG),
+                  code_provenance.PACKAGE_DIR / DEFAULT_CONFIG]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def readme_path() -> Path:
+    """--update-readme's target: the README beside this script (a checkout), else ./README.md (the
+    installed command run from a checkout or a project folder of one's own)."""
+    beside = Path(__file__).with_name("README.md")
+    return beside if beside.is_file() else Path("README.md")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="search_space.yaml", help="sweep definition (default: %(default)s)")
+    p.add_argument("--version", action=_VersionAction, help="print the apot version and git commit, and exit")
+    p.add_argument("--config", default=None,
+                   help=f"sweep definition (default: ./{DEFAULT_CONFIG}, else the one shipped with apot)")
     p.add_argument("--quick", action="store_true", help="apply the config's quick: section (a short demo)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in storage")
@@ -44,11 +85,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
     p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
     p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the trials, their resources and the concurrency; no Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
                    help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.default_config = args.config is None
+    if args.default_config:
+        args.config = str(default_config())
+    return args
 
 
 def fail(message: str) -> int:
@@ -71,6 +118,27 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
             )
 
 
+def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) -> str:
+    """What the sweep would run, without starting Ray: resolved config, trials with resources, concurrency."""
+    from apot.step import resolve_mode
+    from apot.train import TrainConfig
+
+    res = cfg.resources
+    concurrency = check_resources(cfg, available)
+    where = f"cluster {address} (sized here with this machine's resources)" if address else "this machine"
+    device = "cuda" if res.gpus_per_worker > 0 else "cpu"
+    lines = [json.dumps(cfg.to_dict(), indent=2),
+             f"resources of {where}: {available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs",
+             f"trials: {len(cfg.trials())}, {concurrency} at a time; each {res.workers_per_trial} rank(s) x "
+             f"({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU)"]
+    for point in cfg.trials():
+        mode = TrainConfig.from_dict(cfg.train_config(point)).compile
+        step = resolve_mode(mode, __import__("torch").device(device), int(res.workers_per_trial))
+        lines.append(f"  {trial_name(point):28s} ranks {res.workers_per_trial}  CPU {res.cpus_per_trial:g}  "
+                     f"GPU {res.gpus_per_trial:g}  {device}  step {step}")
+    return "\n".join(lines)
+
+
 def hardware_summary() -> str:
     """One line: CPU model and cores of this host, GPUs the cluster has (from Ray)."""
     import ray
@@ -85,20 +153,12 @@ def hardware_summary() -> str:
         pass
     res = ray.cluster_resources()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    gpus = int(res.get("GPU", 0))
-    text = f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"
-    if gpus:
-        import torch
-
-        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
-        text += f", {gpus} x {name}"
-    return text
+    return f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"  # GPUs: apot.provenance.gpus()
 
 
 def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[str, Any]:
-    import ray
-    import torch
-
+    """How the numbers were made: the run's settings, then the code, software, GPUs and command
+    (apot.provenance: argv only, never the environment), then timings."""
     return {
         "quick": cfg.quick,
         "epochs": cfg.train["epochs"],
@@ -106,9 +166,7 @@ def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[
         "schedule": cfg.train["schedule"],
         "seeds": list(cfg.grid["seed"]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
+        **code_provenance.collect(),
         "wall_time_s": round(time.time() - started, 1),
         **extra,
     }
@@ -138,6 +196,9 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
              configure_logging=True)
     ray_init_s = time.time() - t0
+    res = cfg.resources
+    if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
+        cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
 
@@ -186,10 +247,19 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    if args.default_config and not Path(DEFAULT_CONFIG).is_file():
+        print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
         experiment = Path(cfg.storage).resolve() / cfg.name
+        if args.address is None or args.dry_run:
+            cfg = resolve_resources(cfg, local_resources())
+        if args.dry_run:
+            print(dry_run(cfg, local_resources(), args.address))
+            return 0
+        if args.update_readme:
+            report.check_readme(readme_path())  # markers present: before hours of training, not after
         if not args.report_only:
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
             if args.resume:
@@ -199,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "or --set name=<new name> / --storage DIR to start another")
             if args.address is None:
                 check_resources(cfg, local_resources())
-    except (ConfigError, MNISTDataError) as exc:
+    except (ConfigError, MNISTDataError, report.ReportError) as exc:
         return fail(str(exc))
 
     extra: dict[str, Any] = {}
@@ -223,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     print(tables)
     print(f"results in {experiment}")
     if args.update_readme:
-        report.update_readme(Path(__file__).with_name("README.md"), tables, prov)
+        try:
+            report.update_readme(readme_path(), tables, prov)
+        except report.ReportError as exc:
+            return fail(str(exc))
     finished = sum(r["state"] == "TERMINATED" for r in records)
     return 0 if finished == len(cfg.trials()) else 1
 
@@ -231,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stored_provenance(experiment: Path, cfg: SweepConfig) -> dict[str, Any]:
     """--report-only keeps how the numbers were made (the stored provenance), not how it was called."""
     try:
-        _, prov = report.load_results(experiment)
+        _, prov = report.read_results(experiment)
         return prov
     except Exception:
         return {"quick": cfg.quick, "epochs": cfg.train["epochs"], "seeds": list(cfg.grid["seed"]),

@@ -11,8 +11,9 @@ Storage layout of one experiment (``<storage>/<name>``)::
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
+    compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
-    results.json/.csv, tables.md, accuracy_vs_bits.png
+    results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from apot.config import GRID_KEYS, trial_name
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
+COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:
@@ -120,7 +122,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         final["state"] = state
         write_record(state["history"], "RUNNING")  # after: a record never claims an epoch not checkpointed
 
-    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device())
+    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device(),
+                       compile_cache=loop_config.get("compile_cache"))
     if rank == 0:
         write_record(result["history"], result["state"])
         if result["state"] == "TERMINATED" and final["state"] is not None:  # the result is safe; now export
@@ -156,7 +159,8 @@ def trial_driver(config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
-                           "experiment_path": str(experiment)},
+                           "experiment_path": str(experiment),
+                           "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
         scaling_config=ray.train.ScalingConfig(
             num_workers=run["workers_per_trial"],
             use_gpu=run["gpus_per_worker"] > 0,

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from typing import Any
 
 from apot import provenance as code_provenance
 from apot import report
+from apot.checkpoint import write_json
 from apot.config import (
     AUTO,
     ConfigError,
@@ -39,7 +41,7 @@ from apot.config import (
     trial_name,
 )
 from apot.data import MNISTDataError, ensure_mnist
-from apot.sweep import collect_records, param_space, trial_driver
+from apot.sweep import STOP_MARKER, collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 DEFAULT_CONFIG = "search_space.yaml"
@@ -137,6 +139,50 @@ def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) 
         lines.append(f"  {trial_name(point):28s} ranks {res.workers_per_trial}  CPU {res.cpus_per_trial:g}  "
                      f"GPU {res.gpus_per_trial:g}  {device}  step {step}")
     return "\n".join(lines)
+class GracefulStop:
+    """SIGTERM (kill, timeout, scancel, ray_cluster.sh on the time limit) stops the sweep as Ctrl-C does.
+
+    Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
+    tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. A signal before the
+    Tuner runs is acted on when it would start (``run_sweep`` checks ``received``). A second signal exits
+    at once (records and checkpoints are already on disk; ``--report-only`` rebuilds the tables). (SIGUSR1
+    is Tune's own stop signal inside ``Tuner.fit``; slurm/ray_cluster.sh turns Slurm's USR1 into SIGTERM.)
+    """
+
+    SIGNALS = (signal.SIGTERM,)
+
+    def __init__(self, marker: Path | None = None) -> None:
+        self.received: int | None = None
+        self.marker = marker  # touched on the first signal: trials then raising were stopped, not failed
+
+    def install(self) -> None:
+        """(Re)install the handlers. Call again after ``ray.init``: Ray's core worker replaces the SIGTERM
+        handler with its crash handler (the native "*** SIGTERM received ... PC:" trace, then an abort)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"got {name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        if self.marker is not None:
+            self.marker.touch()
+        print(f"got {name}: stopping the trials at their last checkpoint and writing the tables; --resume "
+              "continues (send it again to exit at once)", file=sys.stderr, flush=True)
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)  # inside Tuner.fit: Tune's Ctrl-C (stop trials, save state)
+
+
+def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
+    """After a stopped sweep no trial runs: the records of the trials it stopped say INCOMPLETE (resumable),
+    not RUNNING (a trial that raised as Tune stopped it wrote INCOMPLETE itself: see ``STOP_MARKER``)."""
+    for record in collect_records(experiment, points):
+        if record["state"] == "RUNNING":
+            record["state"] = "INCOMPLETE"
+            write_json(record, record_path(experiment, record))
 
 
 def hardware_summary() -> str:
@@ -184,7 +230,8 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
+              stop: GracefulStop) -> dict[str, Any]:
     """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
     import ray
     from ray import tune
@@ -195,6 +242,7 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
     t0 = time.time()
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
              configure_logging=True)
+    stop.install()
     ray_init_s = time.time() - t0
     res = cfg.resources
     if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
@@ -240,13 +288,16 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
             ),
         )
     with progress:
-        tuner.fit()
+        if stop.received is None:  # else stopped before the trials started
+            tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    stop = GracefulStop()
+    stop.install()
     if args.default_config and not Path(DEFAULT_CONFIG).is_file():
         print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
@@ -275,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     if not args.report_only:
         experiment.mkdir(parents=True, exist_ok=True)
+        stop.marker = experiment / STOP_MARKER
+        stop.marker.unlink(missing_ok=True)  # left by a stop of an earlier run of this sweep
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
-            extra = run_sweep(cfg, args, experiment)
+            extra = run_sweep(cfg, args, experiment, stop)
         except ConfigError as exc:
             return fail(str(exc))
+        if stop.received is not None:
+            mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 
@@ -298,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         except report.ReportError as exc:
             return fail(str(exc))
     finished = sum(r["state"] == "TERMINATED" for r in records)
+    if stop.received is not None:
+        return 128 + stop.received
     return 0 if finished == len(cfg.trials()) else 1
 
 

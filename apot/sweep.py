@@ -13,6 +13,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
     compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
+    stopping                               present while a signal stops the sweep (tune_sweep.py)
     results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
@@ -32,6 +33,9 @@ from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
 COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
+# Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
+# its placement group) was stopped, it did not fail.
+STOP_MARKER = "stopping"
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:
@@ -181,7 +185,10 @@ def trial_driver(config: dict[str, Any]) -> None:
         trainer.fit()
     except Exception as exc:
         previous = read_record(rec_path) or summarize(cfg, [])
-        previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
+        if (experiment / STOP_MARKER).exists():
+            previous.update(state="INCOMPLETE")
+        else:
+            previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
         write_json(previous, rec_path)
         raise
 

@@ -27,6 +27,7 @@ from typing import Any
 from apot import report
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
+from apot.ray_session import RaySetupError, check_ray_version, start_ray
 from apot.sweep import collect_records, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="search_space.yaml", help="sweep definition (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="apply the config's quick: section (a short demo)")
-    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (host:port or auto) instead of starting a private local one")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in storage")
     p.add_argument("--storage", default=None, help="override the config's storage folder")
     p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
@@ -57,11 +59,15 @@ def fail(message: str) -> int:
 
 
 def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
-    """Refuse to resume a sweep with a different grid or training setup than it started with."""
+    """Refuse to resume a sweep that is not there, or has a different grid or training setup."""
     saved_file = experiment / SAVED_CONFIG
-    if not saved_file.exists():
-        return
-    saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+    if not saved_file.is_file():
+        raise ConfigError(f"--resume: no sweep to resume at {experiment} (no {SAVED_CONFIG}); check "
+                          "--storage and the config's name, or drop --resume to start a new sweep")
+    try:
+        saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--resume: cannot read {saved_file} ({type(exc).__name__}: {exc})") from None
     for key in TRIAL_DEFINING_KEYS:
         if saved.get(key) != now.get(key):
             raise ConfigError(
@@ -69,6 +75,20 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
                 f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
                 "or start a new sweep with --set name=<new name>"
             )
+
+
+def check_storage(experiment: Path) -> None:
+    """Refuse a sweep folder that cannot be made or written (under a file, read-only) before Ray starts."""
+    for folder in (experiment, *experiment.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ConfigError(f"storage: {folder} is a file, not a folder, so {experiment} cannot be made; "
+                              "point --storage (or storage: in the config) at a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage: {folder} is not writable, so {experiment} cannot be written; "
+                              "point --storage (or storage: in the config) at a folder of yours")
+        return
 
 
 def hardware_summary() -> str:
@@ -128,16 +148,28 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> dict[str, Any]:
     """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
+    t0 = time.time()
+    session = start_ray(args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
+                        configure_logging=True)
+    ray_init_s = time.time() - t0
+    print(session.describe(), flush=True)
+    try:
+        return _fit(cfg, args, experiment, ray_init_s)
+    finally:  # the private cluster's logs are kept when a trial did not finish
+        records = collect_records(experiment, cfg.trials())
+        unfinished = sum(r["state"] != "TERMINATED" for r in records) + len(cfg.trials()) - len(records)
+        session.close(keep_logs=unfinished > 0)
+        if unfinished and session.private:
+            print(f"ray: logs kept in {session.temp_dir}/ray", flush=True)
+
+
+def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float) -> dict[str, Any]:
     import ray
     from ray import tune
 
     from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback
 
     os.environ.update(QUIET_RAY_ENV)
-    t0 = time.time()
-    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
-             configure_logging=True)
-    ray_init_s = time.time() - t0
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
 
@@ -190,16 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
         experiment = Path(cfg.storage).resolve() / cfg.name
+        check_storage(experiment)
         if not args.report_only:
+            check_ray_version()
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
             if args.resume:
                 check_resume_matches(cfg, experiment)
             elif (experiment / SAVED_CONFIG).exists():
                 raise ConfigError(f"a sweep already exists at {experiment}: pass --resume to continue it, "
                                   "or --set name=<new name> / --storage DIR to start another")
-            if args.address is None:
+            if args.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray on this host
                 check_resources(cfg, local_resources())
-    except (ConfigError, MNISTDataError) as exc:
+    except (ConfigError, MNISTDataError, RaySetupError) as exc:
         return fail(str(exc))
 
     extra: dict[str, Any] = {}
@@ -208,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
             extra = run_sweep(cfg, args, experiment)
-        except ConfigError as exc:
+        except (ConfigError, RaySetupError) as exc:
             return fail(str(exc))
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")

@@ -12,7 +12,6 @@ more is refused.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +45,11 @@ def write_json(obj: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), data)
 
 
-def _refusal(exc: Exception) -> str:
-    """The line of torch's weights_only error that names the refused object (its message is a paragraph)."""
+def _reason(exc: Exception) -> str:
+    """The informative line of a load error (torch's weights_only errors are paragraphs)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "Unsupported" in ln or "Unpickler error" in ln]
-    text = (named or lines or [type(exc).__name__])[0]
+    named = [ln for ln in lines if "GLOBAL " in ln or "Unsupported" in ln]
+    text = (named or lines or [""])[0]
     return text.replace("WeightsUnpickler error: ", "").split(" was not an allowed")[0][:160]
 
 
@@ -65,15 +64,15 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused an object: loading it could run code
-        raise CheckpointError(
-            f"{path}: refused: it holds more than tensors and plain data ({_refusal(exc)}), and loading that "
-            "could run code; apot never writes such checkpoints: delete it, and keep storage writable "
-            "only by people you trust"
-        ) from None
     except Exception as exc:  # torch raises many types for a corrupt file
+        if "GLOBAL " in str(exc):  # weights_only refused a class or function: loading it could run code
+            raise CheckpointError(
+                f"{path}: refused: it holds more than tensors and plain data ({_reason(exc)}), and loading "
+                "that could run code; apot never writes such checkpoints: delete it, and keep storage "
+                "writable only by people you trust"
+            ) from None
         raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {_reason(exc)}); "
             "delete it to start the trial afresh"
         ) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):

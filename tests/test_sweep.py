@@ -193,7 +193,7 @@ def registered_epochs(train_dir: Path) -> list[int]:
 
 def epoch_lines(stdout: str, trial: str) -> list[str]:
     """The "epoch k/N" the plain display printed for ``trial`` (one per epoch Tune received)."""
-    return re.findall(rf"{re.escape(trial)}  epoch (\d+/\d+)", stdout)
+    return re.findall(rf"{re.escape(trial)} +epoch (\d+/\d+)", stdout)
 
 
 def test_killed_driver_resumes_finished_and_unfinished_trials(synthetic_mnist_root: Path,

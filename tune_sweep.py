@@ -7,6 +7,8 @@
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
 
+`pip install .` installs this script as the command `apot-sweep` (same flags).
+
 Flow: search_space.yaml -> apot.config (validated before Ray starts) -> apot.sweep (one Tune trial per grid
 point, each a TorchTrainer DDP run) -> records/<trial>.json -> apot.report (results.json/csv, tables.md, PNG).
 """
@@ -17,13 +19,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from apot import provenance as code_provenance
 from apot import report
 from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
 from apot.data import MNISTDataError, ensure_mnist
@@ -31,13 +33,42 @@ from apot.ray_session import RaySetupError, check_ray_version, start_ray
 from apot.sweep import collect_records, param_space, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
+DEFAULT_CONFIG = "search_space.yaml"
 # What defines the trials: a resumed sweep must have the same; resources and retries may change.
 TRIAL_DEFINING_KEYS = ("grid", "train", "data_dir")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the apot version and the git commit, worked out only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(code_provenance.version_text(parser.prog))
+        parser.exit()
+
+
+def default_config() -> Path:
+    """``search_space.yaml`` in the working directory, else the one shipped with apot (beside this script in a
+    checkout, ``apot/search_space.yaml`` in an installed package)."""
+    candidates = [Path(DEFAULT_CONFIG), Path(__file__).with_name(DEFAULT_CONFIG),
+                  code_provenance.PACKAGE_DIR / DEFAULT_CONFIG]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def readme_path() -> Path:
+    """--update-readme's target: the README beside this script (a checkout), else ./README.md (the
+    installed command run from a checkout or a project folder of one's own)."""
+    beside = Path(__file__).with_name("README.md")
+    return beside if beside.is_file() else Path("README.md")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="search_space.yaml", help="sweep definition (default: %(default)s)")
+    p.add_argument("--version", action=_VersionAction, help="print the apot version and git commit, and exit")
+    p.add_argument("--config", default=None,
+                   help=f"sweep definition (default: ./{DEFAULT_CONFIG}, else the one shipped with apot)")
     p.add_argument("--quick", action="store_true", help="apply the config's quick: section (a short demo)")
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (host:port or auto) instead of starting a private local one")
@@ -50,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
                    help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.default_config = args.config is None
+    if args.default_config:
+        args.config = str(default_config())
+    return args
 
 
 def fail(message: str) -> int:
@@ -105,20 +140,12 @@ def hardware_summary() -> str:
         pass
     res = ray.cluster_resources()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    gpus = int(res.get("GPU", 0))
-    text = f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"
-    if gpus:
-        import torch
-
-        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
-        text += f", {gpus} x {name}"
-    return text
+    return f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"  # GPUs: apot.provenance.gpus()
 
 
 def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[str, Any]:
-    import ray
-    import torch
-
+    """How the numbers were made: the run's settings, then the code, software, GPUs and command
+    (apot.provenance: argv only, never the environment), then timings."""
     return {
         "quick": cfg.quick,
         "epochs": cfg.train["epochs"],
@@ -126,9 +153,7 @@ def provenance(cfg: SweepConfig, started: float, extra: dict[str, Any]) -> dict[
         "schedule": cfg.train["schedule"],
         "seeds": list(cfg.grid["seed"]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
+        **code_provenance.collect(),
         "wall_time_s": round(time.time() - started, 1),
         **extra,
     }
@@ -218,11 +243,15 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    if args.default_config and not Path(DEFAULT_CONFIG).is_file():
+        print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
         experiment = Path(cfg.storage).resolve() / cfg.name
         check_storage(experiment)
+        if args.update_readme:
+            report.check_readme(readme_path())  # markers present: before hours of training, not after
         if not args.report_only:
             check_ray_version()
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
@@ -233,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "or --set name=<new name> / --storage DIR to start another")
             if args.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray on this host
                 check_resources(cfg, local_resources())
-    except (ConfigError, MNISTDataError, RaySetupError) as exc:
+    except (ConfigError, MNISTDataError, RaySetupError, report.ReportError) as exc:
         return fail(str(exc))
 
     extra: dict[str, Any] = {}
@@ -257,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     print(tables)
     print(f"results in {experiment}")
     if args.update_readme:
-        report.update_readme(Path(__file__).with_name("README.md"), tables, prov)
+        try:
+            report.update_readme(readme_path(), tables, prov)
+        except report.ReportError as exc:
+            return fail(str(exc))
     finished = sum(r["state"] == "TERMINATED" for r in records)
     return 0 if finished == len(cfg.trials()) else 1
 
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stored_provenance(experiment: Path, cfg: SweepConfig) -> dict[str, Any]:
     """--report-only keeps how the numbers were made (the stored provenance), not how it was called."""
     try:
-        _, prov = report.load_results(experiment)
+        _, prov = report.read_results(experiment)
         return prov
     except Exception:
         return {"quick": cfg.quick, "epochs": cfg.train["epochs"], "seeds": list(cfg.grid["seed"]),

@@ -1,9 +1,11 @@
 """Results of a sweep: results.json / results.csv, the APoT and uniform Markdown tables, the accuracy plot,
-and the README tables between markers.
+the learning curves, the README tables between markers, and reading results back (``load_results``: a
+pandas DataFrame).
 
 Every function here is a pure function of a list of trial records (docs/ARCHITECTURE.md) plus a
 ``provenance`` dict (how the numbers were made: ``quick``, ``epochs``, ``train_subset``, ``seeds``,
-``hardware``, ``date``, ``command``, ``ray``, ``torch``, ``wall_time_s``, ...). No Ray, no torch.
+``hardware``, ``date``, ``command``, ``ray``, ``torch``, ``wall_time_s``, and ``apot.provenance.collect``'s
+keys: ``code``, ``git_commit``, ``git_dirty``, ``python``, ``gpu_model``, ``gpu_count``). No Ray, no torch.
 
 The table number is always the mean over seeds of ``final_test_acc``: final-epoch top-1 (percent) on the
 10k MNIST test split. A trial that did not finish never contributes a number; its cell says why (``failed``,
@@ -20,9 +22,13 @@ import re
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apot.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CSV_COLUMNS",
@@ -30,16 +36,21 @@ __all__ = [
     "README_START",
     "ReportError",
     "accuracy_cell",
+    "check_readme",
     "csv_text",
     "delta_cell",
     "hyper_params_cell",
+    "learning_curves_figure",
+    "load_history",
     "load_results",
     "markdown_tables",
     "model_name",
     "plot_accuracy_vs_bits",
+    "plot_learning_curves",
     "precision_cell",
     "provenance_block",
     "quick_marker",
+    "read_results",
     "update_readme",
     "write_results",
 ]
@@ -48,6 +59,7 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 TABLES_MD = "tables.md"
 PLOT_PNG = "accuracy_vs_bits.png"
+CURVES_PNG = "learning_curves.png"
 RESULTS_FORMAT = "apot-results/1"
 README_START = "<!-- apot:results:start -->"
 README_END = "<!-- apot:results:end -->"
@@ -70,8 +82,11 @@ MODEL_FAMILIES = {"resnet": "ResNet", "preresnet": "PreResNet", "vgg": "VGG", "l
 # Provenance keys shown first, in this order, with their labels; other scalar keys follow as "key: value".
 PROVENANCE_LABELS = {
     "epochs": "epochs", "train_subset": "training images", "seeds": "seeds", "hardware": "hardware",
-    "date": "date", "ray": "ray", "torch": "torch", "wall_time_s": "wall time",
+    "gpu_count": "GPUs", "date": "date", "code": "code", "python": "python", "ray": "ray", "torch": "torch",
+    "wall_time_s": "wall time",
 }
+# In results.json for programs, not repeated in the "Made with" line (``code`` and ``GPUs`` say it there).
+PROVENANCE_HIDDEN = {"git_commit", "git_dirty", "gpu_model"}
 
 
 class ReportError(RuntimeError):
@@ -257,9 +272,12 @@ def provenance_block(provenance: dict[str, Any]) -> str:
             parts.append(f"seeds {', '.join(str(s) for s in seeds)}")
         elif key == "wall_time_s" and _is_number(value):
             parts.append(f"wall time {_duration(value)}")
+        elif key == "gpu_count":
+            model = provenance.get("gpu_model") or "GPU"
+            parts.append(f"GPUs {value} x {model}" if value else "GPUs none")
         else:
             parts.append(f"{label} {value}")
-    skip = {*PROVENANCE_LABELS, "quick", "command"}
+    skip = {*PROVENANCE_LABELS, *PROVENANCE_HIDDEN, "quick", "command"}
     parts += [f"{k} {v}" for k, v in provenance.items()
               if k not in skip and v is not None and isinstance(v, (str, int, float, bool))]
     lines = []
@@ -395,13 +413,105 @@ def plot_accuracy_vs_bits(
     return buf.getvalue()
 
 
+# Accuracy near 100% on the error's log scale: tick values (percent) offered to a learning-curve panel.
+ACC_TICKS = (0, 25, 50, 70, 80, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.98, 99.99)
+# A bit width keeps its colour in every figure, whichever bits a sweep has.
+BIT_COLOURS = {32: "black", 8: "tab:gray", 6: "tab:purple", 5: "tab:blue", 4: "tab:orange", 3: "tab:green",
+               2: "tab:red"}
+MIN_ERROR = 0.01  # percent: 100% accuracy is drawn as 99.99% (log of a zero error)
+
+
+def _curve_label(bit: int, power: bool) -> str:
+    return "FP32" if int(bit) == 32 else f"{'APoT' if power else 'uniform'} {precision_cell(bit)}"
+
+
+def learning_curves_figure(records: list[dict[str, Any]], provenance: dict[str, Any]) -> Figure:
+    """The learning-curve figure: test accuracy per epoch of every trial with a history (unfinished ones
+    too, as far as they got), a panel per arch, one line per trial. Colour = bit width (``BIT_COLOURS``),
+    solid = APoT, dashed = uniform, one legend entry per (quantizer, bits); seeds of one point share colour
+    and style. The y axis is accuracy on a log scale of the error (100 - acc), so 99.0, 99.5 and 99.9 stay
+    apart; 100% is drawn at 99.99%."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    curves = [r for r in records if any(_is_number(h.get("test_acc")) for h in r.get("history") or [])]
+    archs = sorted({str(r["arch"]) for r in curves}, key=_arch_key)
+    others = ["tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    colour = dict(BIT_COLOURS)
+    for i, bit in enumerate(sorted({int(r["bit"]) for r in curves} - set(BIT_COLOURS))):
+        colour[bit] = others[i % len(others)]
+
+    def forward(acc: Any) -> Any:
+        return -np.log10(np.clip(100.0 - np.asarray(acc, dtype=float), MIN_ERROR, None))
+
+    def inverse(y: Any) -> Any:
+        return 100.0 - 10.0 ** (-np.asarray(y, dtype=float))
+
+    fig = Figure(figsize=(4.2 * max(1, len(archs)) + 1.6, 4.4), layout="constrained")  # + the legend
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(archs)), squeeze=False)[0]
+    if not archs:
+        axes[0].text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=axes[0].transAxes)
+    handles: dict[tuple[bool, int], Any] = {}  # (not power, -bit): APoT before uniform, bits descending
+    for ax, arch in zip(axes[: len(archs)], archs, strict=True):
+        accs = []
+        for r in sorted((r for r in curves if r["arch"] == arch), key=lambda r: -int(r["bit"])):
+            points = [(h["epoch"], float(h["test_acc"])) for h in r["history"]
+                      if _is_number(h.get("test_acc"))]
+            xs, ys = zip(*points, strict=True)
+            accs += ys
+            bit, power = int(r["bit"]), bool(r["power"])
+            (line,) = ax.plot(xs, np.minimum(ys, 100.0 - MIN_ERROR), color=colour[bit],
+                              linestyle="-" if power or bit == 32 else "--", marker="o" if power else "s",
+                              markersize=3 if len(xs) <= 30 else 0, linewidth=1.3, alpha=0.85)
+            handles.setdefault((not power and bit != 32, -bit), line)
+        ax.set_yscale("function", functions=(forward, inverse))
+        top = 100.0 - max(100.0 - max(accs), MIN_ERROR) / 2
+        bottom = max(0.0, 100.0 - (100.0 - min(accs)) * 1.5)
+        ax.set_ylim(bottom, top)
+        ax.yaxis.set_major_locator(FixedLocator([t for t in ACC_TICKS if bottom <= t <= top]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(model_name(arch))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%), log scale of the error")
+        ax.grid(alpha=0.3)
+    if handles:
+        keys = sorted(handles)
+        fig.legend([handles[k] for k in keys], [_curve_label(-k[1], not k[0]) for k in keys],
+                   loc="outside right center", fontsize=8)
+    title = "Test accuracy per epoch"
+    seeds = provenance.get("seeds")
+    if seeds:
+        seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+        title += f" — seeds {', '.join(str(s) for s in seeds)}"
+    if provenance.get("date"):
+        title += f", {provenance['date']}"
+    quick = quick_marker(provenance, records)
+    if quick:
+        title += "\n" + quick.strip("()").replace("quick run", "QUICK RUN", 1)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_learning_curves(records: list[dict[str, Any]], provenance: dict[str, Any]) -> bytes:
+    """learning_curves.png as bytes (``learning_curves_figure``)."""
+    buf = io.BytesIO()
+    learning_curves_figure(records, provenance).savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
 def write_results(
     records: list[dict[str, Any]],
     out_dir: Path,
     provenance: dict[str, Any],
     expected: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """Write results.json, results.csv, tables.md and accuracy_vs_bits.png into ``out_dir``, each atomically.
+    """Write results.json, results.csv, tables.md, accuracy_vs_bits.png and learning_curves.png into
+    ``out_dir``, each atomically.
 
     Args:
         records: trial records (docs/ARCHITECTURE.md), history included.
@@ -410,7 +520,8 @@ def write_results(
         expected: grid points (arch, bit, power, seed); points without a record show as ``missing``.
 
     Returns:
-        ``{"results.json": path, "results.csv": path, "tables.md": path, "accuracy_vs_bits.png": path}``.
+        ``{"results.json": path, "results.csv": path, "tables.md": path, "accuracy_vs_bits.png": path,
+        "learning_curves.png": path}``.
     """
     out_dir = Path(out_dir)
     payload = {"format": RESULTS_FORMAT, "provenance": provenance, "records": records}
@@ -422,6 +533,7 @@ def write_results(
         RESULTS_CSV: csv_text(records).encode(),
         TABLES_MD: markdown_tables(records, provenance, expected).encode(),
         PLOT_PNG: plot_accuracy_vs_bits(records, provenance, expected),
+        CURVES_PNG: plot_learning_curves(records, provenance),
     }  # everything rendered before the first write: a rendering error leaves the old files as they were
     paths = {}
     for name, data in contents.items():
@@ -430,7 +542,7 @@ def write_results(
     return paths
 
 
-def load_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Read ``out_dir/results.json`` back as ``(records, provenance)``.
 
     Raises ``ReportError`` (one line naming the file) when it is absent, not JSON, or not apot results.
@@ -454,13 +566,61 @@ def load_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return records, provenance
 
 
-def update_readme(readme: Path, tables_md: str, provenance: dict[str, Any]) -> None:
-    """Replace the text between ``<!-- apot:results:start -->`` and ``<!-- apot:results:end -->`` in
-    ``readme`` with ``tables_md`` (preceded by the provenance block unless it already holds it); every byte
-    outside the markers stays as it was. Atomic write.
+def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(records, provenance)`` of an experiment folder or its results.json; a sweep still running (no
+    results.json yet) is read from its ``records/*.json``, with an empty provenance."""
+    path = Path(path)
+    folder = path.parent if path.name == RESULTS_JSON else path
+    if (folder / RESULTS_JSON).exists() or not (folder / "records").is_dir():
+        return read_results(folder)
+    records = []
+    for file in sorted((folder / "records").glob("*.json")):
+        try:
+            records.append(json.loads(file.read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ReportError(f"{file}: cannot read trial record ({type(exc).__name__}: {exc})") from None
+    return records, {}
 
-    Raises ``ReportError`` (one line) when the file is absent or lacks exactly one ordered pair of markers.
+
+def load_results(path: Path | str) -> pd.DataFrame:
+    """One row per trial as a pandas DataFrame, the columns of results.csv (``CSV_COLUMNS``: arch, bit,
+    quantizer, seed, state, final_test_acc, ...; NaN where a trial has no value).
+
+    Args:
+        path: an experiment folder (``<storage>/<name>``) or its results.json. A sweep still running (no
+            results.json yet) is read from its ``records/``.
+
+    Returns:
+        the DataFrame; ``df.attrs["provenance"]`` holds how the numbers were made (empty mid-sweep).
+
+    Raises ``ReportError`` (one line naming the file) when nothing readable is there.
     """
+    import pandas as pd  # comes with ray[tune]
+
+    records, provenance = _records_of(Path(path))
+    df = pd.read_csv(io.StringIO(csv_text(records)))  # exactly results.csv's columns and values
+    df.attrs["provenance"] = provenance
+    return df
+
+
+def load_history(path: Path | str) -> pd.DataFrame:
+    """One row per (trial, epoch) as a pandas DataFrame: arch, bit, quantizer, seed, state, then every
+    per-epoch metric (epoch, train_loss, train_acc, test_loss, test_acc, lr, ...). ``path`` as for
+    ``load_results``; ``df.attrs["provenance"]`` likewise."""
+    import pandas as pd
+
+    records, provenance = _records_of(Path(path))
+    rows = [{"arch": r["arch"], "bit": r["bit"], "quantizer": "apot" if r["power"] else "uniform",
+             "seed": r.get("seed"), "state": r["state"], **h}
+            for r in records for h in r.get("history") or []]
+    df = pd.DataFrame(rows, columns=None if rows else ["arch", "bit", "quantizer", "seed", "state", "epoch"])
+    df.attrs["provenance"] = provenance
+    return df
+
+
+def check_readme(readme: Path) -> str:
+    """The text of ``readme`` if it can take the tables (it exists and has exactly one ordered pair of
+    markers); else ``ReportError``, one line saying what to add. Cheap: call it before a sweep."""
     readme = Path(readme)
     try:
         text = readme.read_bytes().decode("utf-8")
@@ -473,6 +633,18 @@ def update_readme(readme: Path, tables_md: str, provenance: dict[str, Any]) -> N
             f"{readme}: needs exactly one '{README_START}' line followed by one '{README_END}' line "
             f"(found {starts} start, {ends} end); add them where the results tables should go"
         )
+    return text
+
+
+def update_readme(readme: Path, tables_md: str, provenance: dict[str, Any]) -> None:
+    """Replace the text between ``<!-- apot:results:start -->`` and ``<!-- apot:results:end -->`` in
+    ``readme`` with ``tables_md`` (preceded by the provenance block unless it already holds it); every byte
+    outside the markers stays as it was. Atomic write.
+
+    Raises ``ReportError`` (one line) when the file is absent or lacks exactly one ordered pair of markers.
+    """
+    readme = Path(readme)
+    text = check_readme(readme)
     block = provenance_block(provenance)
     body = tables_md.strip("\n")
     if block not in body:

@@ -11,7 +11,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     sweep_config.json                      the resolved sweep config the experiment started with
-    results.json/.csv, tables.md, accuracy_vs_bits.png
+    results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
 from __future__ import annotations

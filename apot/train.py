@@ -143,7 +143,7 @@ def make_scheduler(
 
 
 def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors, lists and numbers only, so a checkpoint loads with ``weights_only=True``."""
+    """Every RNG's state as tensors, lists and numbers: a checkpoint then loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {

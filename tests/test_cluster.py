@@ -291,9 +291,9 @@ def test_sweep_joins_two_node_cluster(ray_two_nodes: LocalRayCluster, tmp_path: 
 
 def check_tiny_sweep_results(experiment: Path, epochs: int = 1) -> None:
     """Both trials of `sweep_overrides` finished, and every results file shows them."""
-    from apot.report import load_results
+    from apot.report import read_results
 
-    records, _ = load_results(experiment)
+    records, _ = read_results(experiment)
     assert sorted((r["arch"], r["bit"], r["power"], r["state"]) for r in records) == [
         ("resnet10", 2, False, "TERMINATED"), ("resnet10", 2, True, "TERMINATED")]
     assert all(r["epochs_done"] == epochs and r["final_test_acc"] is not None for r in records)

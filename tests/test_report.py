@@ -19,6 +19,7 @@ from apot.report import (
     markdown_tables,
     model_name,
     precision_cell,
+    read_results,
     update_readme,
     write_results,
 )
@@ -240,7 +241,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_write_results_paths(written: dict[str, Path]) -> None:
-    assert set(written) == {"results.json", "results.csv", "tables.md", "accuracy_vs_bits.png"}
+    assert set(written) == {"results.json", "results.csv", "tables.md", "accuracy_vs_bits.png",
+                            "learning_curves.png"}
     assert all(p.is_file() for p in written.values())
     assert written["tables.md"].read_text() == markdown_tables(RECORDS, QUICK, expected=EXPECTED)
     assert not list(written["tables.md"].parent.glob("*.tmp"))  # no temp file left behind
@@ -286,14 +288,14 @@ def test_png_without_finished_trials(tmp_path: Path) -> None:
     assert paths["accuracy_vs_bits.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_load_results_round_trip(written: dict[str, Path]) -> None:
-    records, prov = load_results(written["results.json"].parent)
+def test_read_results_round_trip(written: dict[str, Path]) -> None:
+    records, prov = read_results(written["results.json"].parent)
     assert records == RECORDS
     assert prov == QUICK
     assert json.loads(written["results.json"].read_text())["expected"] == EXPECTED
 
 
-def test_load_results_errors(tmp_path: Path) -> None:
+def test_read_results_errors(tmp_path: Path) -> None:
     cases = [
         (None, r"results\.json: no results file"),
         ("{not json", r"results\.json: cannot read results \(JSONDecodeError"),
@@ -305,9 +307,10 @@ def test_load_results_errors(tmp_path: Path) -> None:
     for content, message in cases:
         if content is not None:
             (tmp_path / "results.json").write_text(content)
-        with pytest.raises(ReportError, match=message) as info:
-            load_results(tmp_path)
-        assert "\n" not in str(info.value)
+        for reader in (read_results, load_results):
+            with pytest.raises(ReportError, match=message) as info:
+                reader(tmp_path)
+            assert "\n" not in str(info.value)
 
 
 def test_failed_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,3 +379,102 @@ def test_update_readme_without_markers_errors(tmp_path: Path, body: str) -> None
 def test_update_readme_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no such file"):
         update_readme(tmp_path / "README.md", "tables", PROVENANCE)
+
+
+# ------------------------------------------------------------------------------------------ provenance line
+def test_made_with_line_shows_code_python_and_gpus() -> None:
+    code = {"code": "apot 0.1.0, git 1a2b3c4d5e6f (uncommitted changes)",
+            "git_commit": "1a2b3c4d5e6f" + "0" * 28, "git_dirty": True, "python": "3.11.7",
+            "gpu_model": "NVIDIA H100 80GB HBM3", "gpu_count": 8}
+    block = report.provenance_block({**PROVENANCE, **code})
+    made_with = block.split("Made with: ", 1)[1].split("\n", 1)[0]
+    for text in ("code apot 0.1.0, git 1a2b3c4d5e6f (uncommitted changes)", "python 3.11.7",
+                 "GPUs 8 x NVIDIA H100 80GB HBM3", "ray 2.49.0", "torch 2.4.0"):
+        assert text in made_with
+    assert "git_commit" not in block and "0" * 28 not in block  # the full hash is for programs, not the line
+    assert "GPUs none" in report.provenance_block({**PROVENANCE, **code, "gpu_count": 0})
+
+
+# ------------------------------------------------------------------------------------------ load_results
+def test_load_results_is_results_csv_as_a_dataframe(written: dict[str, Path]) -> None:
+    import pandas as pd
+
+    folder = written["results.json"].parent
+    df = load_results(folder)
+    assert isinstance(df, pd.DataFrame) and len(df) == len(RECORDS)
+    pd.testing.assert_frame_equal(df, pd.read_csv(written["results.csv"]))
+    assert df.attrs["provenance"] == QUICK
+    assert df["final_test_acc"].tolist()[2] == 99.52 and pd.isna(df["final_test_acc"].tolist()[1])
+    assert (df["quantizer"] == "apot").sum() == sum(r["power"] for r in RECORDS)
+    pd.testing.assert_frame_equal(load_results(written["results.json"]), df)  # the file itself works too
+
+
+def test_load_results_mid_sweep_reads_records(tmp_path: Path) -> None:
+    (tmp_path / "records").mkdir()
+    for r in RECORDS[:3]:
+        (tmp_path / "records" / f"{r['arch']}_b{r['bit']}_{r['power']}.json").write_text(json.dumps(r))
+    df = load_results(tmp_path)
+    assert sorted(df["final_test_acc"].dropna()) == [98.76, 99.52] and df.attrs["provenance"] == {}
+    (tmp_path / "records" / "broken.json").write_text("{")
+    with pytest.raises(ReportError, match=r"broken\.json: cannot read trial record"):
+        load_results(tmp_path)
+
+
+def test_load_history_one_row_per_epoch(tmp_path: Path) -> None:
+    records = [curve_rec("resnet18", 4, True, [50.0, 90.0, 99.0]),
+               curve_rec("resnet18", 2, False, [30.0, 60.0])]
+    write_results(records, tmp_path, PROVENANCE)
+    df = report.load_history(tmp_path)
+    assert len(df) == 5
+    assert df[["bit", "quantizer", "epoch", "test_acc"]].values.tolist() == [
+        [4, "apot", 1, 50.0], [4, "apot", 2, 90.0], [4, "apot", 3, 99.0], [2, "uniform", 1, 30.0],
+        [2, "uniform", 2, 60.0]]
+
+
+# ------------------------------------------------------------------------------------------ learning curves
+def curve_rec(arch: str, bit: int, power: bool, accs: list[float], seed: int = 0,
+              state: str = "TERMINATED") -> dict[str, Any]:
+    r = rec(arch, bit, power, seed, accs[-1] if state == "TERMINATED" else None, state=state)
+    r["history"] = [{"epoch": i + 1, "epochs": 3, "test_acc": a} for i, a in enumerate(accs)]
+    return r
+
+
+def test_learning_curves_one_line_per_trial_styled_by_quantizer_and_bits() -> None:
+    from matplotlib.colors import to_hex
+
+    records = [
+        curve_rec("resnet34", 4, True, [90.0, 98.0, 99.4]),
+        curve_rec("resnet18", 4, True, [91.0, 98.5, 99.5], seed=0),
+        curve_rec("resnet18", 4, True, [92.0, 98.6, 99.6], seed=1),
+        curve_rec("resnet18", 4, False, [89.0, 97.0, 99.3]),
+        curve_rec("resnet18", 2, True, [40.0, 80.0, 100.0]),
+        curve_rec("resnet18", 2, False, [30.0, 70.0], state="ERROR"),  # failed after 2 epochs: drawn so far
+        rec("resnet18", 3, True, 0, None, state="PENDING") | {"history": []},  # nothing to draw
+    ]
+    fig = report.learning_curves_figure(records, PROVENANCE)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["ResNet-18", "ResNet-34"]
+    r18 = axes[0].get_lines()
+    assert len(r18) == 5 and len(axes[1].get_lines()) == 1
+    drawn = sorted((tuple(line.get_xdata()), tuple(line.get_ydata()), to_hex(line.get_color()),
+                    line.get_linestyle()) for line in r18)
+    blue, orange, red = to_hex("tab:blue"), to_hex("tab:orange"), to_hex("tab:red")
+    assert blue not in {d[2] for d in drawn}  # 5-bit's colour: no 5-bit trial here
+    assert drawn == sorted([
+        ((1, 2, 3), (91.0, 98.5, 99.5), orange, "-"),
+        ((1, 2, 3), (92.0, 98.6, 99.6), orange, "-"),
+        ((1, 2, 3), (89.0, 97.0, 99.3), orange, "--"),
+        ((1, 2, 3), (40.0, 80.0, 100.0 - report.MIN_ERROR), red, "-"),  # 100% drawn at 99.99 (log scale)
+        ((1, 2), (30.0, 70.0), red, "--"),
+    ])
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["APoT 4-bit", "APoT 2-bit", "uniform 4-bit",
+                                                          "uniform 2-bit"]
+    bottom, top = axes[0].get_ylim()
+    assert bottom <= 30.0 and 99.99 <= top < 100.0
+
+
+def test_learning_curves_png_without_history(tmp_path: Path) -> None:
+    data = report.plot_learning_curves([rec("resnet18", 4, True, 0, None, "PENDING") | {"history": []}],
+                                       QUICK)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -17,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import apot
+from apot.config import trial_name
+
 REPO = Path(__file__).resolve().parents[1]
+SECRET = ("APOT_TEST_SECRET", "tok-5e1c9a7f3b")  # in every sweep's environment; must never reach a file
 TINY = ["--set", "grid.arch=[resnet10]", "--set", "grid.bit=[4,2]", "--set", "train.epochs=2",
         "--set", "train.width=8", "--set", "train.batch_size=64", "--set", "max_retries=0"]
 
@@ -28,7 +33,7 @@ def sweep_cmd(data: Path, storage: Path, *extra: str) -> list[str]:
 
 
 def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", SECRET[0]: SECRET[1]}
     return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -508,3 +513,99 @@ def check_private_sweep(proc: subprocess.Popen, lines: list[str], jobs: list[dic
     assert proc.wait(timeout=400) == 0, out[-3000:]
     assert re.search(r"TERMINATED  final test", out), out[-3000:]
     assert not root.exists()  # removed after a sweep that ended well
+
+
+# ------------------------------------------------------------------------------------------ everyday use
+def _git_head(repo: Path) -> tuple[str | None, bool | None]:
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return None, None
+    def status(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "status", "--porcelain", *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    untracked_code = "??" in status("--untracked-files=all", "--", "apot")
+    return head.stdout.strip(), bool(status("--untracked-files=no").strip()) or untracked_code
+
+
+def test_results_record_provenance_and_no_secret(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
+    import platform
+
+    import ray
+    import torch
+
+    prov = json.loads((finished_sweep / "results.json").read_text())["provenance"]
+    commit, dirty = _git_head(REPO)
+    assert (prov["git_commit"], prov["git_dirty"]) == (commit, dirty)
+    assert (prov["python"], prov["torch"], prov["ray"]) == (platform.python_version(), torch.__version__,
+                                                            ray.__version__)
+    assert prov["gpu_count"] == torch.cuda.device_count()
+    cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "resources.workers_per_trial=2")
+    assert prov["command"] == "python " + shlex.join(cmd[1:])
+    made_with = (finished_sweep / "tables.md").read_text().split("Made with: ", 1)[1].split("\n", 1)[0]
+    code = f"code apot {apot.__version__}, " + (f"git {commit[:12]}" if commit else "not a git checkout")
+    for text in (code, f"python {platform.python_version()}", f"torch {torch.__version__}",
+                 f"ray {ray.__version__}", "GPUs "):
+        assert text in made_with
+    outputs = [finished_sweep / n for n in ("results.json", "results.csv", "tables.md", "sweep_config.json")]
+    for path in [*outputs, *(finished_sweep / "records").glob("*.json")]:
+        assert SECRET[1] not in path.read_text(), path
+
+
+def test_ray_tools_and_load_results_agree_with_results_csv(finished_sweep: Path) -> None:
+    """The README's ways of reading a sweep: Ray's ExperimentAnalysis (per trial and per epoch), TensorBoard's
+    event files, apot.report.load_results; all give results.csv's final accuracies."""
+    from ray.tune import ExperimentAnalysis
+
+    from apot.report import load_history, load_results
+
+    with open(finished_sweep / "results.csv") as f:
+        csv_acc = {(r["arch"], int(r["bit"]), r["quantizer"] == "apot", int(r["seed"])):
+                   float(r["final_test_acc"]) for r in csv.DictReader(f)}
+    assert len(csv_acc) == 4
+
+    analysis = ExperimentAnalysis(str(finished_sweep))
+    df = analysis.dataframe()
+    ray_acc = {(r["config/arch"], r["config/bit"], r["config/power"], r["config/seed"]): r["test_acc"]
+               for _, r in df.iterrows()}
+    assert ray_acc == csv_acc
+    for trial in analysis.trials:  # per epoch: Ray's progress.csv equals the trial record's history
+        config = trial.config
+        record = json.loads((finished_sweep / "records" / f"{trial_name(config)}.json").read_text())
+        curve = analysis.trial_dataframes[trial.trial_id]
+        assert curve["test_acc"].tolist() == [h["test_acc"] for h in record["history"]]
+        assert list((finished_sweep / trial_name(config)).glob("events.out.tfevents.*"))  # for TensorBoard
+
+    ours = load_results(finished_sweep)
+    assert {(r.arch, r.bit, r.quantizer == "apot", r.seed): r.final_test_acc
+            for r in ours.itertuples()} == csv_acc
+    history = load_history(finished_sweep)
+    assert len(history) == 4 * 2 and set(history["epoch"]) == {1, 2}
+
+
+def _apot_sweep() -> Path:
+    return Path(sys.executable).with_name("apot-sweep")
+
+
+def test_report_only_outside_the_checkout(finished_sweep: Path, synthetic_mnist_root: Path,
+                                          tmp_path: Path) -> None:
+    """From a folder without search_space.yaml, the installed apot-sweep (or tune_sweep.py where apot is
+    not installed) finds the default config and rebuilds every output, learning_curves.png included."""
+    installed = _apot_sweep().exists()
+    command = [str(_apot_sweep())] if installed else [sys.executable, str(REPO / "tune_sweep.py")]
+    before = {n: (finished_sweep / n).read_bytes() for n in ("tables.md", "results.csv")}
+    (finished_sweep / "learning_curves.png").unlink()
+    cmd = [*command, "--report-only", *sweep_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
+    env = os.environ if installed else {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("config: ") and "search_space.yaml (the default;" in r.stdout.splitlines()[0]
+    assert {n: (finished_sweep / n).read_bytes() for n in before} == before
+    assert (finished_sweep / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not _apot_sweep().exists(), reason="apot is not pip-installed in this environment")
+def test_installed_command_version() -> None:
+    r = subprocess.run([str(_apot_sweep()), "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"apot-sweep {apot.__version__} (")

@@ -225,7 +225,7 @@ def test_killed_driver_resumes_finished_and_unfinished_trials(synthetic_mnist_ro
                 finished[path.name] = data
             elif registered := registered_epochs(experiment / "train" / path.stem):
                 partway[path.name] = registered
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group, no clean-up
+    kill_session(proc.pid)  # the driver and every Ray process it started, at once, no clean-up
     proc.wait()
     assert finished and partway, "no trial was part-way when a trial had finished; the test proves nothing"
     time.sleep(2)
@@ -256,6 +256,21 @@ def test_killed_driver_resumes_finished_and_unfinished_trials(synthetic_mnist_ro
         train_dir = experiment / "train" / Path(name).stem
         assert sorted(p.name for p in train_dir.glob("checkpoint_epoch*")) == \
             ["checkpoint_epoch002", "checkpoint_epoch003"], train_dir
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session (a crash of the whole driver side). Killing the process group
+    alone is not enough: Ray's worker processes leave it, and one left training would finish its trial."""
+    for _ in range(20):
+        pids = session_pids(session_id)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def display_name(trial: str) -> str:

@@ -6,6 +6,7 @@
     python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
+    python tune_sweep.py --dry-run            # print the resolved config, trials, resources; start nothing
 
 `pip install .` installs this script as the command `apot-sweep` (same flags).
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,10 +29,20 @@ from typing import Any
 
 from apot import provenance as code_provenance
 from apot import report
-from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources, trial_name
+from apot.checkpoint import write_json
+from apot.config import (
+    AUTO,
+    ConfigError,
+    SweepConfig,
+    check_resources,
+    load_config,
+    local_resources,
+    resolve_resources,
+    trial_name,
+)
 from apot.data import MNISTDataError, ensure_mnist
 from apot.ray_session import RaySetupError, check_ray_version, start_ray
-from apot.sweep import collect_records, param_space, trial_driver
+from apot.sweep import STOP_MARKER, collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
 DEFAULT_CONFIG = "search_space.yaml"
@@ -77,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
     p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
     p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the trials, their resources and the concurrency; no Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
@@ -126,6 +140,71 @@ def check_storage(experiment: Path) -> None:
         return
 
 
+def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) -> str:
+    """What the sweep would run, without starting Ray: resolved config, trials with resources, concurrency."""
+    from apot.step import resolve_mode
+    from apot.train import TrainConfig
+
+    res = cfg.resources
+    concurrency = check_resources(cfg, available)
+    where = f"cluster {address} (sized here with this machine's resources)" if address else "this machine"
+    device = "cuda" if res.gpus_per_worker > 0 else "cpu"
+    lines = [json.dumps(cfg.to_dict(), indent=2),
+             f"resources of {where}: {available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs",
+             f"trials: {len(cfg.trials())}, {concurrency} at a time; each {res.workers_per_trial} rank(s) x "
+             f"({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU)"]
+    for point in cfg.trials():
+        mode = TrainConfig.from_dict(cfg.train_config(point)).compile
+        step = resolve_mode(mode, __import__("torch").device(device), int(res.workers_per_trial))
+        lines.append(f"  {trial_name(point):28s} ranks {res.workers_per_trial}  CPU {res.cpus_per_trial:g}  "
+                     f"GPU {res.gpus_per_trial:g}  {device}  step {step}")
+    return "\n".join(lines)
+class GracefulStop:
+    """SIGTERM (kill, timeout, scancel, ray_cluster.sh on the time limit) stops the sweep as Ctrl-C does.
+
+    Tune stops the trials (every epoch already reported is checkpointed: it stays), ``main`` then writes the
+    tables with each trial's state and exits ``128 + signal``; ``--resume`` continues. A signal before the
+    Tuner runs is acted on when it would start (``run_sweep`` checks ``received``). A second signal exits
+    at once (records and checkpoints are already on disk; ``--report-only`` rebuilds the tables). (SIGUSR1
+    is Tune's own stop signal inside ``Tuner.fit``; slurm/ray_cluster.sh turns Slurm's USR1 into SIGTERM.)
+    """
+
+    SIGNALS = (signal.SIGTERM,)
+
+    def __init__(self, marker: Path | None = None) -> None:
+        self.received: int | None = None
+        self.marker = marker  # touched on the first signal: trials then raising were stopped, not failed
+
+    def install(self) -> None:
+        """(Re)install the handlers. Call again after ``ray.init``: Ray's core worker replaces the SIGTERM
+        handler with its crash handler (the native "*** SIGTERM received ... PC:" trace, then an abort)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"got {name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        if self.marker is not None:
+            self.marker.touch()
+        print(f"got {name}: stopping the trials at their last checkpoint and writing the tables; --resume "
+              "continues (send it again to exit at once)", file=sys.stderr, flush=True)
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)  # inside Tuner.fit: Tune's Ctrl-C (stop trials, save state)
+
+
+def mark_stopped(experiment: Path, points: list[dict[str, Any]]) -> None:
+    """After a stopped sweep no trial runs: the records of the trials it stopped say INCOMPLETE (resumable),
+    not RUNNING (a trial that raised as Tune stopped it wrote INCOMPLETE itself: see ``STOP_MARKER``)."""
+    for record in collect_records(experiment, points):
+        if record["state"] == "RUNNING":
+            record["state"] = "INCOMPLETE"
+            write_json(record, record_path(experiment, record))
+
+
 def hardware_summary() -> str:
     """One line: CPU model and cores of this host, GPUs the cluster has (from Ray)."""
     import ray
@@ -171,15 +250,17 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
+              stop: GracefulStop) -> dict[str, Any]:
     """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
     t0 = time.time()
     session = start_ray(args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
                         configure_logging=True)
+    stop.install()  # after ray.init: Ray's core worker replaced the SIGTERM handler
     ray_init_s = time.time() - t0
     print(session.describe(), flush=True)
     try:
-        return _fit(cfg, args, experiment, ray_init_s)
+        return _fit(cfg, args, experiment, ray_init_s, stop)
     finally:  # the private cluster's logs are kept when a trial did not finish
         records = collect_records(experiment, cfg.trials())
         unfinished = sum(r["state"] != "TERMINATED" for r in records) + len(cfg.trials()) - len(records)
@@ -188,13 +269,17 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path) -> d
             print(f"ray: logs kept in {session.temp_dir}/ray", flush=True)
 
 
-def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float) -> dict[str, Any]:
+def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float,
+         stop: GracefulStop) -> dict[str, Any]:
     import ray
     from ray import tune
 
     from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback
 
     os.environ.update(QUIET_RAY_ENV)
+    res = cfg.resources
+    if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
+        cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
 
@@ -236,19 +321,27 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
             ),
         )
     with progress:
-        tuner.fit()
+        if stop.received is None:  # else stopped before the trials started
+            tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    stop = GracefulStop()
+    stop.install()
     if args.default_config and not Path(DEFAULT_CONFIG).is_file():
         print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir)
         experiment = Path(cfg.storage).resolve() / cfg.name
+        if args.address is None or args.dry_run:
+            cfg = resolve_resources(cfg, local_resources())
+        if args.dry_run:
+            print(dry_run(cfg, local_resources(), args.address))
+            return 0
         check_storage(experiment)
         if args.update_readme:
             report.check_readme(readme_path())  # markers present: before hours of training, not after
@@ -268,11 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     if not args.report_only:
         experiment.mkdir(parents=True, exist_ok=True)
+        stop.marker = experiment / STOP_MARKER
+        stop.marker.unlink(missing_ok=True)  # left by a stop of an earlier run of this sweep
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
-            extra = run_sweep(cfg, args, experiment)
+            extra = run_sweep(cfg, args, experiment, stop)
         except (ConfigError, RaySetupError) as exc:
             return fail(str(exc))
+        if stop.received is not None:
+            mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():
         return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
 
@@ -291,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         except report.ReportError as exc:
             return fail(str(exc))
     finished = sum(r["state"] == "TERMINATED" for r in records)
+    if stop.received is not None:
+        return 128 + stop.received
     return 0 if finished == len(cfg.trials()) else 1
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "check_resources",
     "load_config",
     "local_resources",
+    "resolve_resources",
     "trial_name",
 ]
 
@@ -38,6 +39,13 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 MNIST_TRAIN_SIZE = 60_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SET_KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+AUTO = "auto"
+# What `auto` resources become (`resolve_resources`). CPU: one rank of one thread per trial, as many trials
+# side by side as there are cores: measured fastest on a 2-core CPU (bench/cpu_layouts.py, README "Fast
+# step"). GPU: single-rank trials packed TRIALS_PER_GPU to a GPU (an estimate, see README).
+AUTO_WORKERS_PER_TRIAL = 1
+AUTO_CPUS_PER_WORKER = 1
+TRIALS_PER_GPU = 8
 
 # The schema: every allowed key with its default (the seed's sweep). Sections are the nested dicts.
 DEFAULTS: dict[str, Any] = {
@@ -60,11 +68,13 @@ DEFAULTS: dict[str, Any] = {
         "schedule": "step",
         "width": 16,
         "train_subset": None,
+        "compile": "auto",
     },
     "resources": {
-        "workers_per_trial": 2,
-        "cpus_per_worker": 1,
-        "gpus_per_worker": 0,
+        "workers_per_trial": AUTO,
+        "cpus_per_worker": AUTO,
+        "gpus_per_worker": AUTO,
+        "trials_per_gpu": TRIALS_PER_GPU,
         "max_concurrent_trials": None,
         "placement_strategy": "PACK",
     },
@@ -91,15 +101,19 @@ class Resources:
         workers_per_trial: DDP ranks per trial (Ray Train workers).
         cpus_per_worker: CPUs reserved per rank (also its torch thread count under Ray).
         gpus_per_worker: GPUs per rank; a fraction < 1 packs several single-rank trials on one GPU.
+        trials_per_gpu: how many single-rank trials ``gpus_per_worker: auto`` packs on one GPU.
         max_concurrent_trials: trials run at once; None derives it from the cluster (`check_resources`).
         placement_strategy: Ray placement group strategy for a trial's ranks (PACK, SPREAD, ...).
+
+    The first three may be ``"auto"`` until `resolve_resources` fits them to the machine.
     """
 
-    workers_per_trial: int = 2
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
+    workers_per_trial: int | str = AUTO
+    cpus_per_worker: float | str = AUTO
+    gpus_per_worker: float | str = AUTO
     max_concurrent_trials: int | None = None
     placement_strategy: str = "PACK"
+    trials_per_gpu: int = TRIALS_PER_GPU
 
     @property
     def cpus_per_trial(self) -> float:
@@ -380,6 +394,9 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
     from apot.train import SCHEDULES  # lazily: it imports torch
 
     c.choice("train.schedule", train["schedule"], SCHEDULES, "a learning-rate schedule")
+    from apot.step import STEP_MODES
+
+    c.choice("train.compile", train["compile"], STEP_MODES, "a training-step mode")
     out["width"] = c.integer("train.width", train["width"], 1)
     subset = c.integer("train.train_subset", train["train_subset"], 1, nullable=True)
     if subset is not None and subset > MNIST_TRAIN_SIZE:
@@ -389,24 +406,29 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
 
 
 def _validate_resources(c: _Checker, res: dict[str, Any]) -> Resources:
-    workers = c.integer("resources.workers_per_trial", res["workers_per_trial"], 1)
-    cpus = c.number("resources.cpus_per_worker", res["cpus_per_worker"])
-    if cpus <= 0:
-        raise c.fail("resources.cpus_per_worker", f"{cpus} must be > 0")
+    auto = {k: res[k] == AUTO for k in ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")}
+    workers = AUTO if auto["workers_per_trial"] else \
+        c.integer("resources.workers_per_trial", res["workers_per_trial"], 1)
+    cpus = AUTO if auto["cpus_per_worker"] else c.number("resources.cpus_per_worker", res["cpus_per_worker"])
+    if cpus != AUTO and cpus <= 0:
+        raise c.fail("resources.cpus_per_worker", f"{cpus} must be > 0 (or auto)")
+    per_gpu = c.integer("resources.trials_per_gpu", res["trials_per_gpu"], 1)
+    concurrent = c.integer("resources.max_concurrent_trials", res["max_concurrent_trials"], 1, nullable=True)
+    strategy = c.choice("resources.placement_strategy", res["placement_strategy"], PLACEMENT_STRATEGIES,
+                        "a Ray placement strategy")
+    if auto["gpus_per_worker"]:
+        return Resources(workers, cpus, AUTO, concurrent, strategy, per_gpu)
     gpus = c.number("resources.gpus_per_worker", res["gpus_per_worker"])
     if gpus < 0:
         raise c.fail("resources.gpus_per_worker", f"{gpus} must be >= 0 (0 trains on CPU)")
     if gpus > 1 and gpus != int(gpus):
         raise c.fail("resources.gpus_per_worker", f"{gpus}: above 1 it must be a whole number of GPUs")
-    if 0 < gpus < 1 and workers > 1:
+    if 0 < gpus < 1 and workers != AUTO and workers > 1:
         raise c.fail("resources.gpus_per_worker",
                      f"{gpus} is a fractional GPU with resources.workers_per_trial: {workers}; two NCCL "
                      "ranks of one trial could land on the same GPU. Fractional GPUs pack single-rank "
                      "trials: use workers_per_trial: 1, or whole GPUs per rank (gpus_per_worker: 1)")
-    concurrent = c.integer("resources.max_concurrent_trials", res["max_concurrent_trials"], 1, nullable=True)
-    strategy = c.choice("resources.placement_strategy", res["placement_strategy"], PLACEMENT_STRATEGIES,
-                        "a Ray placement strategy")
-    return Resources(workers, cpus, gpus, concurrent, strategy)
+    return Resources(workers, cpus, gpus, concurrent, strategy, per_gpu)
 
 
 def _path(c: _Checker, key: str, value: Any) -> str:
@@ -464,7 +486,8 @@ def load_config(
         raise c.fail("name", f"{name!r} must be a folder name of letters, digits, '.', '_' or '-'")
     max_retries = c.integer("max_retries", config["max_retries"], 0)
     resources = _validate_resources(c, config["resources"])
-    train = _validate_train(c, config["train"], resources.workers_per_trial)
+    workers = resources.workers_per_trial
+    train = _validate_train(c, config["train"], AUTO_WORKERS_PER_TRIAL if workers == AUTO else workers)
     grid = _validate_grid(c, config["grid"], _supported_archs(), _supported_bits())
     return SweepConfig(
         name=name,
@@ -494,6 +517,30 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(gpus)}
 
 
+def resolve_resources(cfg: SweepConfig, available: Mapping[str, float]) -> SweepConfig:
+    """``cfg`` with every ``auto`` resource fitted to ``available`` (Ray-style totals, `local_resources`).
+
+    workers_per_trial / cpus_per_worker auto: 1 / 1 (`AUTO_WORKERS_PER_TRIAL`, `AUTO_CPUS_PER_WORKER`).
+    gpus_per_worker auto: 0 without GPUs; with GPUs, ``1 / trials_per_gpu`` for single-rank trials (several
+    trials share a GPU; rounded down to Ray's 1e-4 resolution) and 1 per rank for multi-rank trials (two
+    NCCL ranks of one trial never share a GPU). Explicit values are kept.
+    """
+    res = cfg.resources
+    workers = AUTO_WORKERS_PER_TRIAL if res.workers_per_trial == AUTO else res.workers_per_trial
+    cpus = AUTO_CPUS_PER_WORKER if res.cpus_per_worker == AUTO else res.cpus_per_worker
+    gpus = res.gpus_per_worker
+    if gpus == AUTO:
+        if float(available.get("GPU", 0)) <= 0:
+            gpus = 0
+        else:
+            gpus = math.floor(1e4 / res.trials_per_gpu) / 1e4 if workers == 1 else 1
+    if cfg.train["batch_size"] % workers:
+        raise ConfigError(f"train.batch_size: {cfg.train['batch_size']} is the global batch and must be "
+                          f"divisible by resources.workers_per_trial ({workers})")
+    return replace(cfg, resources=replace(res, workers_per_trial=workers, cpus_per_worker=cpus,
+                                          gpus_per_worker=gpus))
+
+
 def _fits(available: float, needed: float) -> float:
     """How many `needed` fit in `available` (inf when nothing is needed)."""
     return math.floor(available / needed + 1e-9) if needed > 0 else math.inf
@@ -510,6 +557,8 @@ def check_resources(cfg: SweepConfig, available: Mapping[str, float]) -> int:
         (capped at the number of trials, at least 1).
     """
     res = cfg.resources
+    if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
+        res = resolve_resources(cfg, available).resources
     cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
     if res.gpus_per_worker > 0 and gpus <= 0:
         raise ConfigError(f"resources.gpus_per_worker: {res.gpus_per_worker} asks for GPUs but the cluster "

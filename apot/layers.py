@@ -12,6 +12,7 @@ from torch import nn
 
 from apot.quant import (
     ACT_ALPHA_INIT,
+    TABLE_SCALE,
     WEIGHT_ALPHA_INIT,
     QuantConfig,
     lookup_table,
@@ -59,15 +60,17 @@ class QuantConv2d(nn.Conv2d):
         self.act_alpha = nn.Parameter(torch.tensor(ACT_ALPHA_INIT))
         weight_levels, act_levels = self.config.weight_levels(), self.config.act_levels()
         self.register_buffer("weight_levels", weight_levels, persistent=False)
-        self.register_buffer("weight_table", lookup_table(weight_levels), persistent=False)
+        # Tables padded to one shape for every bit width and quantizer: one compiled graph for all.
+        self.register_buffer("weight_table", lookup_table(weight_levels, TABLE_SCALE), persistent=False)
         self.register_buffer("act_levels", act_levels, persistent=False)
-        self.register_buffer("act_table", lookup_table(act_levels), persistent=False)
+        self.register_buffer("act_table", lookup_table(act_levels, TABLE_SCALE), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.full_precision:
             return super().forward(x)
-        x = quantize_activation(x, self.act_alpha, self.act_levels, self.act_table)
-        w = quantize_weight(self.weight, self.weight_alpha, self.weight_levels, self.weight_table)
+        # Only the (padded) tables go in: the level sets' shapes differ per bit width, the tables' do not.
+        x = quantize_activation(x, self.act_alpha, None, self.act_table)
+        w = quantize_weight(self.weight, self.weight_alpha, None, self.weight_table)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ Public pieces:
     ``levels``        the sorted level set of a bit width and quantizer (APoT or uniform, signed or not)
     ``midpoints``     the decision boundaries between consecutive levels
     ``project``       nearest-level projection (``torch.bucketize`` on the midpoints; no levels x elements)
-    ``lookup_table`` / ``project_table``   the same projection through a lookup table, 2-3x faster on CPU
+    ``lookup_table`` / ``project_table``   the same projection through a lookup table, 2-3x faster on CPU;
+                      ``TABLE_SCALE`` pads every table to one shape (one compiled graph for all variants)
     ``nearest_level`` the projection the quantizers call (the table when given one, else ``project``)
     ``WeightQuantFn`` / ``ActQuantFn``   the custom autograd of the weight and activation quantizers
     ``quantize_weight`` / ``quantize_activation`` / ``quantize_8bit``   the functions the layers call
@@ -119,24 +120,28 @@ def project(u: torch.Tensor, level_set: torch.Tensor, bounds: torch.Tensor | Non
 _MAX_TABLE_SCALE = 2**16
 
 
-def lookup_table(level_set: torch.Tensor) -> torch.Tensor:
+def lookup_table(level_set: torch.Tensor, scale: int | None = None) -> torch.Tensor:
     """Lookup table of ``project_table``, an exact and faster ``project`` for levels within [-1, 1].
 
     The range [-1, 1) is cut into n = 2S bins of width 1/S, S the smallest power of two that leaves at most
-    one midpoint (``midpoints``) per bin. For bin k, column k holds: row 0 the midpoint inside the bin (+inf
-    if none), row 1 the nearest level of the bin's points up to that midpoint, row 2 of those above it.
-    Shape (3, n), dtype of ``level_set``.
+    one midpoint (``midpoints``) per bin, or ``scale`` if given (a power of two at least that large: a finer
+    table, same projections; the layers use `TABLE_SCALE` so every level set has one table shape). For bin
+    k, column k holds: row 0 the midpoint inside the bin (+inf if none), row 1 the nearest level of the
+    bin's points up to that midpoint, row 2 of those above it. Shape (3, n), dtype of ``level_set``.
     """
     if level_set.numel() < 2 or level_set.min() < -1 or level_set.max() > 1:
         raise ValueError("lookup_table needs at least two levels, all within [-1, 1]")
     device, level_set = level_set.device, level_set.cpu()  # built once, on the CPU
     bounds = midpoints(level_set)
     wide = bounds.to(torch.float64)
-    scale = 1
-    while torch.unique(torch.floor(wide * scale)).numel() < bounds.numel():
-        scale *= 2
-        if scale > _MAX_TABLE_SCALE:
+    needed = 1
+    while torch.unique(torch.floor(wide * needed)).numel() < bounds.numel():
+        needed *= 2
+        if needed > _MAX_TABLE_SCALE:
             raise ValueError("levels too close together for a lookup table; use project()")
+    if scale is not None and (scale < needed or scale & (scale - 1)):
+        raise ValueError(f"lookup_table scale {scale}: must be a power of two >= {needed} for these levels")
+    scale = needed if scale is None else scale
     left = torch.arange(-scale, scale, dtype=torch.float64) / scale  # bin k is [left[k], left[k] + 1/S)
     below = torch.bucketize(left, wide)  # #midpoints < left[k]: the nearest level at the bin's left edge
     table = torch.full((3, 2 * scale), float("inf"), dtype=level_set.dtype)
@@ -144,6 +149,14 @@ def lookup_table(level_set: torch.Tensor) -> torch.Tensor:
     table[1] = level_set[below]
     table[2] = level_set[(below + 1).clamp(max=level_set.numel() - 1)]
     return table.to(device)
+
+
+def _padded_scale() -> int:
+    """The largest table scale any supported level set needs (see `TABLE_SCALE`)."""
+    return max(
+        lookup_table(levels(bit, power, signed)).shape[1] // 2
+        for bit in LEVEL_BITS for power in (True, False) for signed in (True, False)
+    )
 
 
 def project_table(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -162,13 +175,31 @@ def project_table(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[1:].reshape(-1).index_select(0, k).reshape(u.shape)
 
 
+TABLE_SCALE: int = _padded_scale()
+"""One table scale for every level set (512: 6-bit APoT activations need it): tables of every bit width and
+quantizer then have the same shape (3, 2 * TABLE_SCALE), so a compiled graph is shared by all of them
+(`apot.step`). Projections are the same as with the smallest table (tests/test_step.py)."""
+
+
+def table_levels(table: torch.Tensor) -> torch.Tensor:
+    """The level set ``table = lookup_table(level_set)`` was built from, exactly: every level is the nearest
+    level just above some midpoint (row 2 of that midpoint's bin) or of the lowest bin (row 1)."""
+    return torch.unique(table[1:])
+
+
 def nearest_level(
-    u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+    u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The projection the quantizers use: ``project_table`` when a table of ``u``'s dtype is given (the
-    layers keep one per level set), else ``project``. Both give the same values."""
+    layers keep one per level set), else ``project`` on ``level_set`` (or, if None, the table's levels).
+    All give the same values. The layers pass only the table: a compiled graph's inputs are then the same
+    shape for every bit width (`TABLE_SCALE`)."""
     if table is not None and table.dtype == u.dtype and table.device == u.device:
         return project_table(u, table)
+    if level_set is None:
+        if table is None:
+            raise ValueError("nearest_level needs a level set or a lookup table")
+        level_set = table_levels(table)
     return project(u, level_set)
 
 
@@ -189,7 +220,7 @@ class WeightQuantFn(torch.autograd.Function):
               u = w' / alpha;  out = alpha * P(clip(u, -1, 1))   (P: nearest signed level)
     backward: dL/dw' = g (not clipped), so dL/dw = g / std(w)
               dL/dalpha = sum g * (sign(u) [|u| > 1] + (P(u) - u) [|u| <= 1])
-    ``table`` (optional): ``lookup_table(level_set)``, to project faster.
+    ``table`` (optional): ``lookup_table(level_set)``, to project faster (then ``level_set`` may be None).
     """
 
     @staticmethod
@@ -221,7 +252,7 @@ class ActQuantFn(torch.autograd.Function):
     forward:  u = x / alpha;  out = alpha * P(min(u, 1))   (P: nearest unsigned level)
     backward: dL/dx = g [u <= 1]
               dL/dalpha = sum g * ([u > 1] + (P(u) - u) [u <= 1])
-    ``table`` (optional): ``lookup_table(level_set)``, to project faster.
+    ``table`` (optional): ``lookup_table(level_set)``, to project faster (then ``level_set`` may be None).
     """
 
     @staticmethod
@@ -245,14 +276,14 @@ class ActQuantFn(torch.autograd.Function):
 
 
 def quantize_weight(
-    w: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+    w: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None
 ) -> torch.Tensor:
     """alpha * P(clip(w' / alpha, -1, 1)) with w' = (w - mean(w)) / std(w) (see ``WeightQuantFn``)."""
     return WeightQuantFn.apply(w, alpha, level_set, table)
 
 
 def quantize_activation(
-    x: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None
+    x: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None
 ) -> torch.Tensor:
     """alpha * P(min(x / alpha, 1)) of a post-ReLU activation (see ``ActQuantFn``)."""
     return ActQuantFn.apply(x, alpha, level_set, table)

@@ -10,7 +10,9 @@ Storage layout of one experiment (``<storage>/<name>``)::
     <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it)
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
+    compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
+    stopping                               present while a signal stops the sweep (tune_sweep.py)
     results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
@@ -29,6 +31,10 @@ from apot.config import GRID_KEYS, trial_name
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
+COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
+# Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
+# its placement group) was stopped, it did not fail.
+STOP_MARKER = "stopping"
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:
@@ -87,7 +93,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             )
         write_record(state["history"], "RUNNING")  # after: a record never claims an epoch not checkpointed
 
-    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device())
+    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device(),
+                       compile_cache=loop_config.get("compile_cache"))
     if rank == 0:
         write_record(result["history"], result["state"])
 
@@ -118,7 +125,8 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started},
+        train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
+                           "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
         scaling_config=ray.train.ScalingConfig(
             num_workers=run["workers_per_trial"],
             use_gpu=run["gpus_per_worker"] > 0,
@@ -139,7 +147,10 @@ def trial_driver(config: dict[str, Any]) -> None:
         trainer.fit()
     except Exception as exc:
         previous = read_record(rec_path) or summarize(cfg, [])
-        previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
+        if (experiment / STOP_MARKER).exists():
+            previous.update(state="INCOMPLETE")
+        else:
+            previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
         write_json(previous, rec_path)
         raise
 

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from apot.checkpoint import RESULT_FILE, CheckpointError, load_checkpoint, save_checkpoint, write_json
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
 from apot.models import create_model
+from apot.step import STEP_MODES, build_step, use_compile_cache
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -47,6 +48,7 @@ class TrainConfig:
             75% of the epochs) or ``constant``.
         train_subset: train on the first N training images (quick runs); the test split is always all 10k.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        compile: how the training step runs (`apot.step`): ``auto``, ``eager``, ``compile`` or ``cudagraph``.
     """
 
     arch: str = "resnet18"
@@ -63,6 +65,7 @@ class TrainConfig:
     train_subset: int | None = None
     data_dir: str = "./data"
     device: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"lr: {self.lr} must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+        if self.compile not in STEP_MODES:
+            raise ValueError(f"compile: {self.compile!r} is not one of {', '.join(STEP_MODES)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -219,13 +224,15 @@ def run_trial(
     on_epoch: EpochCallback | None = None,
     resume_state: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    compile_cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` from scratch or from ``resume_state`` (a checkpoint dict) and return the trial result.
 
     After every epoch, every rank calls ``on_epoch(metrics, state)`` with the checkpoint dict ``state``
     (references to the live tensors, not copies); by convention only rank 0 persists it. The result's
     ``final_test_acc`` is the last epoch's test accuracy: the tables' number, with no model selection on
-    the test set.
+    the test set. ``compile_cache``: a folder shared by the trials of a sweep for compiled graphs
+    (`apot.step.use_compile_cache`); unused by eager steps.
     """
     kind = device.type if device is not None else resolve_device(cfg.device, DistInfo()).type
     info = init_distributed(kind)
@@ -254,20 +261,20 @@ def run_trial(
         start_epoch = int(resume_state["epoch"])
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if info.distributed else model
+    if compile_cache is not None and cfg.compile != "eager":
+        use_compile_cache(compile_cache)
+    step = build_step(net, opt, F.cross_entropy, mode=cfg.compile, device=device, world_size=info.world_size)
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        lr = opt.param_groups[0]["lr"]
+        lr = float(opt.param_groups[0]["lr"])  # a tensor under cudagraph (apot.step.make_capturable)
+        setup_before = step.setup_s
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for x, y in data.train_batches(epoch, cfg.seed, info.rank, info.world_size, per_rank_batch):
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = step(x, y)  # forward, backward, optimizer step: eager, compiled or a CUDA graph
             # accumulate on the device: no host sync per step
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
@@ -293,6 +300,9 @@ def run_trial(
             "epoch_s": time.perf_counter() - t0,
             "weight_alpha_mean": _mean_alpha(model, "weight_alpha"),
             "act_alpha_mean": _mean_alpha(model, "act_alpha"),
+            "step_mode": step.mode,
+            "compile_s": step.setup_s - setup_before,  # compile/capture seconds inside this epoch
+            "gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
         history.append(metrics)
         if on_epoch is not None:
@@ -325,6 +335,8 @@ def summarize(cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]
         "final_train_acc": history[-1]["train_acc"] if history else None,
         "epochs_done": done,
         "wall_time_s": sum(h["epoch_s"] for h in history),
+        "compile_s": sum(h.get("compile_s", 0.0) for h in history),
+        "step_mode": history[-1].get("step_mode") if history else None,
         "error": None,
         "history": history,
     }
@@ -355,6 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", default=d.device)
+    p.add_argument("--compile", default=d.compile, choices=STEP_MODES,
+                   help="training step: auto (a CUDA graph on one GPU, eager on CPU), eager, compile, "
+                        "cudagraph")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and result.json (resumes from it)")
     return p.parse_args(argv)
 
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
             schedule=args.schedule, width=args.width, train_subset=args.train_subset,
             data_dir=str(resolve_data_dir(args.data_dir, None)), device=args.device,
+            compile=args.compile,
         )
         resume = load_checkpoint(out, asdict(cfg))
     except (ValueError, CheckpointError) as exc:

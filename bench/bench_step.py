@@ -2,6 +2,8 @@
 
     python bench/bench_step.py                      # ResNet-18 width 16, batch 128, 1x28x28, CPU
     python bench/bench_step.py --threads 1 --steps 30
+    python bench/bench_step.py --modes eager compile --bits 4 --projections table   # eager vs compiled
+    python bench/bench_step.py --device cuda --modes eager compile cudagraph --bits 4 --projections table
 
 For every bit width and quantizer (APoT, uniform) the step is timed with three projections onto the levels,
 all in the same process and interleaved round by round so that drift (other jobs on the machine, thermal
@@ -15,6 +17,12 @@ state) hits every column alike:
 Only the projection is swapped (``apot.quant.nearest_level``); the rest of the step is apot's. The table
 reports the median ms/step of the ``table`` projection and, for each projection, the ratio of its median
 step to the median full-precision step.
+
+``--modes``: the step is built by ``apot.step.build_step`` in each mode (eager, compile, cudagraph; the
+other projections are timed eagerly only). Every mode is timed in the same process, interleaved with the
+others; FP32 gets its own step per mode, so each mode's ratio is to its own full-precision step. The
+compile seconds (the first call, or the warm-up and capture for cudagraph) and the largest loss difference
+to the eager step on the same batches are printed per configuration.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 
 import apot.quant
 from apot.models import create_model
+from apot.step import WARMUP_STEPS, build_step
 
 PROJECTIONS = ("table", "bucketize", "reference")
 
@@ -40,7 +49,9 @@ PROJECTIONS = ("table", "bucketize", "reference")
 def reference_projection(power: bool) -> Callable[..., torch.Tensor]:
     """The paper's projection: exhaustive |x - level| search (APoT) or round() (uniform)."""
 
-    def nearest(u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def nearest(u: torch.Tensor, level_set: torch.Tensor | None,
+                table: torch.Tensor | None = None) -> torch.Tensor:
+        level_set = apot.quant.table_levels(table) if level_set is None else level_set  # layers pass tables
         signed = bool(level_set[0] < 0)
         if not power:
             steps = (level_set.numel() - 1) // 2 if signed else level_set.numel() - 1
@@ -53,25 +64,31 @@ def reference_projection(power: bool) -> Callable[..., torch.Tensor]:
     return nearest
 
 
-def bucketize_projection(u: torch.Tensor, level_set: torch.Tensor, table: torch.Tensor | None = None):
-    return apot.quant.project(u, level_set)
+def bucketize_projection(u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None):
+    return apot.quant.project(u, apot.quant.table_levels(table) if level_set is None else level_set)
 
 
-def make_step(bit: int, power: bool, args: argparse.Namespace) -> Callable[[], None]:
-    """A closure running one SGD step of a fresh model on a fixed random batch."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28, generator=gen).to(args.device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(args.device)
-    torch.manual_seed(0)
-    model = create_model(args.arch, bit=bit, power=power, width=args.width).to(args.device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+class Step:
+    """One SGD step of a fresh model (seed 0) on a fixed random batch, built by ``apot.step.build_step`` in
+    ``mode``; keeps every step's loss (to compare modes) and the build's compile seconds."""
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    def __init__(self, bit: int, power: bool, args: argparse.Namespace, mode: str = "eager") -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(args.batch, 1, 28, 28, generator=gen).to(args.device)
+        self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(args.device)
+        torch.manual_seed(0)
+        model = create_model(args.arch, bit=bit, power=power, width=args.width).to(args.device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.step = build_step(model, opt, F.cross_entropy, mode=mode, device=torch.device(args.device))
+        self.losses: list[torch.Tensor] = []
 
-    return step
+    def __call__(self) -> None:
+        self.losses.append(self.step(self.x, self.y)[0].clone())
+
+
+def make_step(bit: int, power: bool, args: argparse.Namespace, mode: str = "eager") -> Step:
+    """A callable running one SGD step (see ``Step``)."""
+    return Step(bit, power, args, mode)
 
 
 def timed(step: Callable[[], None], projection: Callable | None, device: str) -> float:
@@ -101,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS,
                    help="projections to time ('table' always is)")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compile", "cudagraph"),
+                   help="training-step modes to time (apot.step); 'eager' always is")
     return p.parse_args(argv)
 
 
@@ -110,18 +129,24 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     quantizers = [("APoT", True), ("uniform", False)]
     args.projections = ["table"] + [p for p in args.projections if p != "table"]
+    modes = ["eager"] + [m for m in args.modes if m != "eager"]
+    if "cudagraph" in modes:
+        args.warmup = max(args.warmup, WARMUP_STEPS + 1)  # warm-up steps and the capture are not timed
     runs: dict[tuple, tuple[Callable[[], None], Callable | None]] = {}
     runs[("FP32", 32, "table")] = (make_step(32, True, args), None)
+    for mode in modes[1:]:
+        runs[("FP32", 32, mode)] = (make_step(32, True, args, mode), None)
     for name, power in quantizers:
         for bit in args.bits:
-            step = make_step(bit, power, args)
             projections = {
                 "table": None,
                 "bucketize": bucketize_projection,
                 "reference": reference_projection(power),
             }
             for proj in args.projections:
-                runs[(name, bit, proj)] = (step, projections[proj])
+                runs[(name, bit, proj)] = (make_step(bit, power, args), projections[proj])  # own model each
+            for mode in modes[1:]:
+                runs[(name, bit, mode)] = (make_step(bit, power, args, mode), None)
 
     load_before = os.getloadavg()
     times: dict[tuple, list[float]] = {key: [] for key in runs}
@@ -152,6 +177,23 @@ def main(argv: list[str] | None = None) -> None:
             row = [name, str(bit), f"{median[(name, bit, 'table')] * 1e3:.1f}"]
             row += [f"{median[(name, bit, p)] / base:.2f}" for p in args.projections]
             print("| " + " | ".join(row) + " |")
+    if len(modes) > 1:
+        print("\nStep modes (apot.step), same process: ms/step, ratio to that mode's FP32 step, speed-up "
+              "over "
+              "eager, compile seconds, largest |loss - eager loss| over the steps run\n")
+        print("| quantizer | bits | mode | ms/step | ratio vs FP32 | speed-up | compile s | max loss diff |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+        for name, bit in [("FP32", 32)] + [(n, b) for n, _ in quantizers for b in args.bits]:
+            eager_key = (name, bit, "table")
+            for mode in modes:
+                key = eager_key if mode == "eager" else (name, bit, mode)
+                step = runs[key][0]
+                fp32 = median[("FP32", 32, "table" if mode == "eager" else mode)]
+                losses = torch.stack(step.losses).cpu()
+                reference = torch.stack(runs[eager_key][0].losses).cpu()
+                diff = (losses - reference[: len(losses)]).abs().max().item()
+                print(f"| {name} | {bit} | {mode} | {median[key] * 1e3:.2f} | {median[key] / fp32:.2f} | "
+                      f"{median[eager_key] / median[key]:.2f} | {step.step.setup_s:.1f} | {diff:.2e} |")
 
 
 if __name__ == "__main__":

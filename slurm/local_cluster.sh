@@ -8,6 +8,8 @@
 #   eval "$(slurm/local_cluster.sh env)"   # then sbatch/srun/squeue/sinfo talk to this cluster
 #
 # Everything lives in $APOT_SLURM_DIR (default /tmp/apot-slurm): slurm.conf, PID files, spool, state, logs.
+# As the daemons run as root from it, it must be a root-owned directory of mode 0700, not a link: start
+# makes it so when it is absent, and every command refuses one that is not (another user could have made it).
 # /etc/slurm is not touched; clients find the cluster through SLURM_CONF. The two nodes are two slurmd's
 # on 127.0.0.1 (Debian builds Slurm with multiple-slurmd support), each with $APOT_SLURM_CPUS CPUs
 # (default: all cores of the host; the nodes share them). start and stop are idempotent.
@@ -66,6 +68,8 @@ ReturnToService=2
 JobRequeue=1
 MailProg=/bin/true
 KillWait=30
+# A job past its time limit gets a minute more before the kill: room for ray_cluster.sh's stop and requeue.
+OverTimeLimit=1
 MinJobAge=600
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -77,6 +81,19 @@ NodeName=${NODES[0]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${NODE_PORTS[0]}
 NodeName=${NODES[1]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${NODE_PORTS[1]} CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+# Exit with one line unless $STATE is absent (start may create it) or a root-owned 0700 directory, no link.
+check_state_dir() {
+    [[ -e $STATE || -L $STATE ]] || return 0
+    if [[ -L $STATE || ! -d $STATE ]]; then
+        die "$STATE is a link or not a directory; remove it (or set APOT_SLURM_DIR) and run again"
+    fi
+    local owner mode
+    read -r owner mode < <(stat -c '%u %a' "$STATE")
+    if [[ $owner != 0 || $mode != 700 ]]; then
+        die "$STATE is owned by uid $owner with mode $mode, not by root with 700; remove it (or set APOT_SLURM_DIR) and run again"
+    fi
 }
 
 munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -119,7 +136,8 @@ start() {
         log "already running ($CONF)"
         return
     fi
-    mkdir -p "$STATE"
+    [[ -d $STATE ]] || install -d -m 0700 "$STATE"
+    check_state_dir
     if ! alive "$(pid_of "$STATE/slurmctld.pid")"; then
         # A fresh cluster every time: no jobs recovered from an earlier run that was not stopped cleanly.
         rm -rf "$STATE/ctld" "$STATE/spool"
@@ -197,9 +215,9 @@ status() {
 
 case ${1:-} in
     install) install_packages ;;
-    start) start ;;
-    stop) stop ;;
-    status) status ;;
+    start) check_state_dir && start ;;
+    stop) check_state_dir && stop ;;
+    status) check_state_dir && status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
     *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
 esac

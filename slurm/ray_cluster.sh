@@ -11,13 +11,19 @@
 #   APOT_CPUS_PER_NODE    CPUs Ray offers per node (default: $SLURM_CPUS_ON_NODE)
 #   APOT_GPUS_PER_NODE    GPUs Ray offers per node (default: from Slurm's GPU variables, else 0)
 #   APOT_CLUSTER_TIMEOUT_S  how long the cluster may take to form (default 300)
+#   APOT_STOP_TIMEOUT_S   how long the driver may take to stop after SIGTERM (default 120): keep it under
+#                         the --signal lead time below, with a minute to spare for the teardown
 #   APOT_SWEEP_ENTRY      the driver script (default tune_sweep.py; the tests use a stand-in)
 # Nodes are assumed alike: the CPU/GPU counts of the first node are given to every node.
 #
 # A requeued or resubmitted job continues the same sweep: --resume is added when the sweep's folder
 # (<storage>/<name>, resolved from the same options and config as tune_sweep.py resolves it) exists.
-# The cluster uses token authentication with a fresh token per job, ports derived from the job id and a
-# private per-job temp dir per node, so jobs sharing a node neither collide nor can attach to each other.
+# Time limit: Slurm sends SIGUSR1 to this script --signal's seconds before the limit; the sweep then stops
+# at its last checkpoints (SIGTERM to tune_sweep.py: tables written), Ray is torn down, and the job
+# requeues itself (scontrol requeue), to continue where it stopped once Slurm starts it again.
+# The cluster uses token authentication with a fresh token per job, ports picked free by the OS (the head's
+# address is read from its own private temp dir) and a private temp dir per node made with mktemp, so jobs
+# sharing a node neither collide nor can attach to, or impersonate, each other.
 #
 #SBATCH --job-name=apot-sweep
 #SBATCH --nodes=2
@@ -28,6 +34,7 @@
 #SBATCH --output=apot-sweep-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@300
 
 log() { echo "[$(date +%H:%M:%S)] ray_cluster: $*"; }
 die() { log "error: $*" >&2; exit 1; }
@@ -93,6 +100,11 @@ gpus_per_node() {
     fi
 }
 
+# A TCP port free on this node now (for the Ray client server: a squatter could only make the head fail).
+free_port() {
+    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}
+
 # The address Slurm itself uses for a node (NodeAddr), as an IPv4 address.
 node_ip() {
     local addr ip
@@ -119,18 +131,54 @@ print(Path(cfg.storage).resolve() / cfg.name)
 PY
 }
 
-# Start `ray start ... --block` as a background job step on one node. Its temp dir sits in a per-job
-# parent only this user can enter (Ray makes its own temp dir world-writable; Unix sockets live there).
+# A fresh private folder /tmp/ray-<job>-XXXXXX (mktemp: a name no one can predict, made by this call, mode
+# 0700); refuses anything that is not a directory of this user's with mode 0700 and no link. Prints its path.
+# Ray's temp dir goes inside it (<dir>/r): Ray makes its own temp dir world-writable, and its Unix sockets
+# and the head's address file live there. Kept short: Unix socket paths must stay under 107 bytes.
+private_tmp_dir() {
+    local dir
+    dir=$(mktemp -d "${1:-/tmp}/ray-${SLURM_JOB_ID:-x}-XXXXXX") || return 1
+    check_private_dir "$dir" || return 1
+    echo "$dir"
+}
+
+# Exit 1, with one line on stderr, unless $1 is a real directory (not a link) owned by this user, mode 0700.
+check_private_dir() {
+    local dir=$1 owner mode
+    if [[ -L $dir || ! -d $dir ]]; then
+        echo "ray_cluster: error: $dir is a link or not a directory; refusing it as a Ray temp dir" >&2
+        return 1
+    fi
+    read -r owner mode < <(stat -c '%u %a' "$dir")
+    if [[ $owner != "$(id -u)" || $mode != 700 ]]; then
+        echo "ray_cluster: error: $dir is owned by uid $owner with mode $mode, not by $(id -u) with 700;" \
+            "refusing it as a Ray temp dir" >&2
+        return 1
+    fi
+}
+
+# The functions a job step on another node needs (it runs a fresh bash there).
+STEP_FUNCTIONS=$(declare -f private_tmp_dir check_private_dir)
+
+# Start `ray start ... --block` as a background job step on one node, with Ray's temp dir in $1/r, where
+# $1 is a private folder of the head node (made here) or "new" (a worker: the step makes its own on its node).
+# The dashboard is off and so is metrics export (an unauthenticated endpoint on all interfaces); every port
+# is picked free by the OS (the GCS port included: --port=0 on the head).
 start_node() {
-    local index=$1 node=$2
+    local dir=$1 node=$2
     shift 2
-    local tmp=$RAY_TMP_PARENT/$index
     # shellcheck disable=SC2016  # $1 and $@ belong to the inner bash
-    srun --nodes=1 --ntasks=1 -w "$node" --overlap \
-        bash -c 'install -d -m 0700 "$1" && shift && exec "$@"' _ "$RAY_TMP_PARENT" \
-        ray start --temp-dir="$tmp" --num-cpus="$CPUS" --num-gpus="$GPUS" \
-        --min-worker-port=0 --max-worker-port=0 \
-        --dashboard-agent-listen-port=$((PORT_BASE + 3 + index % 13)) \
+    RAY_enable_metrics_collection=0 srun --nodes=1 --ntasks=1 -w "$node" --overlap bash -c '
+        eval "$1"
+        dir=$2
+        if [[ $dir == new ]]; then
+            dir=$(private_tmp_dir) || exit 1
+            echo "[$(date +%H:%M:%S)] ray_cluster: node $SLURMD_NODENAME: Ray temp dir $dir/r"
+        fi
+        shift 2
+        exec "$@" --temp-dir="$dir/r"' _ "$STEP_FUNCTIONS" "$dir" \
+        ray start --num-cpus="$CPUS" --num-gpus="$GPUS" \
+        --min-worker-port=0 --max-worker-port=0 --dashboard-agent-listen-port=0 \
         --disable-usage-stats --block "$@" &
     STEP_PIDS+=($!)
     STEP_NODES+=("$node")
@@ -156,19 +204,26 @@ fail_if_step_died() {
     fi
 }
 
+# The head's GCS address, from the file `ray start` writes into its own temp dir once the head is up. That
+# dir is inside a private folder of this user's, so the address is this job's head and no one else's (a port
+# derived from the job id could be bound first by anyone on the node, who would then get every node's token).
 wait_for_head() {
-    local deadline=$1
-    # shellcheck disable=SC2016  # $1 and $2 belong to the inner bash
-    until timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$HEAD_IP" "$GCS_PORT" 2>/dev/null; do
+    local deadline=$1 file=$HEAD_TMP/r/ray_current_cluster
+    until [[ -s $file ]]; do
         fail_if_step_died
-        ((SECONDS < deadline)) || die "the Ray head on $HEAD_NODE did not answer within ${CLUSTER_TIMEOUT_S} s"
+        ((SECONDS < deadline)) || die "the Ray head on $HEAD_NODE did not start within ${CLUSTER_TIMEOUT_S} s"
         sleep 1
     done
+    RAY_ADDRESS=$(<"$file")
+    [[ $RAY_ADDRESS =~ ^[0-9.]+:[0-9]+$ ]] || die "unexpected head address '$RAY_ADDRESS' in $file"
+    export RAY_ADDRESS
 }
 
 wait_for_nodes() {
     local deadline=$1 want=$2
     "$PYTHON" - "$RAY_ADDRESS" "$want" <<'PY' &
+import os
+import signal
 import sys
 import time
 
@@ -176,6 +231,7 @@ import ray
 
 address, want = sys.argv[1], int(sys.argv[2])
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # not Ray's crash handler: stopped on purpose
 last = -1
 while (alive := sum(node["Alive"] for node in ray.nodes())) < want:
     if alive != last:
@@ -209,18 +265,32 @@ wait_pids() {
     done
 }
 
-# EXIT trap: stop the driver, then Ray on every node, then the srun steps; keep the sweep's exit code.
+# USR1 trap: Slurm's warning that the time limit is near (#SBATCH --signal). Stop and requeue in teardown.
+on_time_limit() {
+    log "time limit near (SIGUSR1): stopping the sweep at its last checkpoints, then requeueing the job"
+    REQUEUE=1
+    exit 143
+}
+
+# EXIT trap: stop the driver (SIGTERM: it stops its trials and writes the tables), then Ray on every node,
+# then the srun steps; keep the sweep's exit code. After a time-limit warning, requeue the job unless the
+# sweep had finished.
 teardown() {
-    local rc=$? i status
+    local rc=$? i status driver_rc=${DRIVER_RC:-}
     local -a early=()
-    trap '' TERM INT
+    trap '' TERM INT USR1
     [[ -z ${POLLER_PID:-} ]] || kill "$POLLER_PID" 2>/dev/null
-    if [[ -n ${DRIVER_PID:-} ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
-        log "stopping the sweep driver"
-        kill -TERM "$DRIVER_PID" 2>/dev/null
-        wait_pids 20 "$DRIVER_PID"
-        ((${#LEFT[@]} == 0)) || kill -KILL "$DRIVER_PID" 2>/dev/null
+    if [[ -n ${DRIVER_PID:-} ]]; then
+        if kill -0 "$DRIVER_PID" 2>/dev/null; then
+            log "stopping the sweep driver (it writes the tables; up to $STOP_TIMEOUT_S s)"
+            kill -TERM "$DRIVER_PID" 2>/dev/null
+            wait_pids "$STOP_TIMEOUT_S" "$DRIVER_PID"
+            ((${#LEFT[@]} == 0)) || { log "the driver did not stop in time; killing it"; kill -KILL "$DRIVER_PID"; }
+        fi
+        wait "$DRIVER_PID" 2>/dev/null
+        driver_rc=$?
     fi
+    [[ -z $driver_rc ]] || log "sweep exited with code $driver_rc"
     if ((${#STEP_PIDS[@]} > 0)); then
         for i in "${!STEP_PIDS[@]}"; do
             kill -0 "${STEP_PIDS[i]}" 2>/dev/null || early+=("$i")
@@ -246,6 +316,10 @@ teardown() {
             rc=1
         fi
     fi
+    if ((${REQUEUE:-0})) && [[ $driver_rc != 0 ]]; then
+        log "requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1))): it resumes the sweep"
+        scontrol requeue "$SLURM_JOB_ID" || log "error: scontrol requeue failed; resubmit the same command"
+    fi
     log "done, exit code $rc"
     exit "$rc"
 }
@@ -260,27 +334,33 @@ main() {
     SWEEP_ENTRY=${APOT_SWEEP_ENTRY:-tune_sweep.py}
     STORAGE=${APOT_STORAGE:-$SLURM_SUBMIT_DIR/ray_results}
     CLUSTER_TIMEOUT_S=${APOT_CLUSTER_TIMEOUT_S:-300}
+    STOP_TIMEOUT_S=${APOT_STOP_TIMEOUT_S:-120}
     CPUS=${APOT_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-}}
     [[ -n $CPUS ]] || die "SLURM_CPUS_ON_NODE is not set: set APOT_CPUS_PER_NODE"
     GPUS=$(gpus_per_node)
-    # Ports from the job id: GCS, dashboard, Ray client, dashboard agents (one per node of a host);
-    # 16 ports per job in 20000-32767, below Linux's ephemeral range. All other ports are picked free.
-    PORT_BASE=$((20000 + SLURM_JOB_ID % 798 * 16))
-    GCS_PORT=$PORT_BASE
-    RAY_TMP_PARENT=/tmp/ray-$SLURM_JOB_ID  # short: Unix socket paths must stay under 107 bytes
     STEP_PIDS=()
     STEP_NODES=()
+    # From here on every exit tears down; a time-limit warning (USR1, whose default action would kill this
+    # script) requeues the job whenever it comes.
+    trap teardown EXIT
+    trap 'log "got SIGTERM"; exit 143' TERM
+    trap 'log "got SIGINT"; exit 130' INT
+    trap on_time_limit USR1
     [[ -f $SWEEP_ENTRY ]] || die "$SWEEP_ENTRY not found in $SLURM_SUBMIT_DIR (submit from the repository root)"
     mkdir -p "$STORAGE" || die "cannot create the storage folder $STORAGE"
 
     local -a nodes sweep_args
+    # The head runs on the node this script runs on (Slurm's batch host, the first node), so that its
+    # address can be read from its private temp dir here.
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    HEAD_NODE=${nodes[0]}
+    HEAD_NODE=${SLURMD_NODENAME:-${nodes[0]}}
+    local -a workers=()
+    for i in "${!nodes[@]}"; do [[ ${nodes[i]} == "$HEAD_NODE" ]] || workers+=("${nodes[i]}"); done
+    nodes=("$HEAD_NODE" "${workers[@]}")
     HEAD_IP=$(node_ip "$HEAD_NODE")
-    RAY_ADDRESS=$HEAD_IP:$GCS_PORT
-    export RAY_ADDRESS
+    HEAD_TMP=$(private_tmp_dir) || die "cannot make a private temp dir in /tmp"
 
-    sweep_args=(--address "$RAY_ADDRESS" --storage "$STORAGE" "$@")
+    sweep_args=(--storage "$STORAGE" "$@")
     if [[ $(basename "$SWEEP_ENTRY") == tune_sweep.py ]]; then
         local experiment
         experiment=$(experiment_dir "${sweep_args[@]}") || die "cannot read the sweep's config (see above)"
@@ -297,33 +377,32 @@ main() {
     # On SIGTERM, stop at once instead of draining (draining only helps serving workloads).
     export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
-    trap teardown EXIT
-    trap 'log "got SIGTERM"; exit 143' TERM
-    trap 'log "got SIGINT"; exit 130' INT
-
-    log "job $SLURM_JOB_ID: ${#nodes[@]} node(s) (${nodes[*]}), $CPUS CPUs and $GPUS GPUs each; head $HEAD_NODE at $RAY_ADDRESS"
+    log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${#nodes[@]} node(s) (${nodes[*]}), $CPUS CPUs and $GPUS GPUs each; head $HEAD_NODE, Ray temp dir $HEAD_TMP/r"
     local deadline=$((SECONDS + CLUSTER_TIMEOUT_S)) i
-    local -a head_args=(--head --node-ip-address="$HEAD_IP" --port="$GCS_PORT" --dashboard-port=$((PORT_BASE + 1)))
-    # The Ray client server (port 10001 by default) only starts when ray[client] (grpcio) is installed.
+    local -a head_args=(--head --node-ip-address="$HEAD_IP" --port=0 --include-dashboard=false)
+    # The Ray client server (default port 10001, the same for every job) only starts when ray[client]
+    # (grpcio) is installed; the sweep does not use it, but Ray will not take 0 (off) for its port.
     if "$PYTHON" -c 'import grpc' 2>/dev/null; then
-        head_args+=(--ray-client-server-port=$((PORT_BASE + 2)))
+        head_args+=(--ray-client-server-port="$(free_port)")
     fi
-    start_node 0 "$HEAD_NODE" "${head_args[@]}"
+    start_node "$HEAD_TMP" "$HEAD_NODE" "${head_args[@]}"
     wait_for_head "$deadline"
+    log "Ray head at $RAY_ADDRESS"
     for ((i = 1; i < ${#nodes[@]}; i++)); do
-        start_node "$i" "${nodes[i]}" --address="$RAY_ADDRESS" --node-ip-address="$(node_ip "${nodes[i]}")"
+        start_node new "${nodes[i]}" --address="$RAY_ADDRESS" --node-ip-address="$(node_ip "${nodes[i]}")"
     done
     wait_for_nodes "$deadline" "${#nodes[@]}"
     log "Ray cluster up: ${#nodes[@]} nodes; storage $STORAGE"
 
+    sweep_args=(--address "$RAY_ADDRESS" "${sweep_args[@]}")
     log "running: $PYTHON $SWEEP_ENTRY ${sweep_args[*]}"
     "$PYTHON" "$SWEEP_ENTRY" "${sweep_args[@]}" &
     DRIVER_PID=$!
+    # A trapped signal (USR1) cuts `wait` short; the trap then exits and teardown collects the driver.
     wait "$DRIVER_PID"
-    local rc=$?
+    DRIVER_RC=$?
     DRIVER_PID=
-    log "sweep exited with code $rc"
-    exit "$rc"
+    exit "$DRIVER_RC"
 }
 
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+RAY_CLUSTER = REPO / "slurm" / "ray_cluster.sh"
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 60
@@ -92,6 +93,7 @@ class LocalRayCluster:
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     port: int = field(default_factory=free_port)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    node_dirs: list[Path] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -106,10 +108,13 @@ class LocalRayCluster:
         return env
 
     def _start_node(self, index: int, *args: str) -> None:
-        # Short temp dirs (Unix socket paths < 107 bytes); the parent is private (Ray makes its own 0777).
-        self.root.chmod(0o700)
+        # Each node's Ray temp dir inside a private folder made by ray_cluster.sh's own function, as a Slurm
+        # job's nodes get theirs (Ray makes its temp dir world-writable; short: Unix sockets < 107 bytes).
+        made = subprocess.run(["bash", "-c", 'source "$1" && private_tmp_dir "$2"', "_", str(RAY_CLUSTER),
+                               str(self.root)], capture_output=True, text=True, check=True)
+        self.node_dirs.append(Path(made.stdout.strip()))
         log = open(self.root / f"node{index}.log", "wb")
-        cmd = [RAY, "start", f"--temp-dir={self.root / str(index)}", f"--num-cpus={self.cpus_per_node}",
+        cmd = [RAY, "start", f"--temp-dir={self.node_dirs[-1] / 'r'}", f"--num-cpus={self.cpus_per_node}",
                "--num-gpus=0", "--min-worker-port=0", "--max-worker-port=0",
                f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", "--block", *args]
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
@@ -158,18 +163,21 @@ class LocalRayCluster:
 
     def stop(self) -> dict[int, str]:
         """SIGTERM every `ray start --block` (each then stops its node's processes), wait, SIGKILL what
-        remains; return the processes still referencing this cluster's temp dirs (should be none)."""
+        remains; return what SIGTERM left behind, before that SIGKILL: the `ray start` processes that did not
+        exit and the processes still referencing this cluster's temp dirs (should be none)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
+        stuck = {}
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                stuck[proc.pid] = " ".join(map(str, proc.args))
                 proc.kill()
                 proc.wait()
-        left = wait_until_gone(f"{self.root}/", timeout_s=20)
+        left = {**stuck, **wait_until_gone(f"{self.root}/", timeout_s=20)}
         for pid in left:  # only processes under this cluster's own temp dir
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -204,9 +212,12 @@ def ray_two_nodes() -> Iterator[LocalRayCluster]:
     """Two Ray nodes on this host (2 CPUs each, token auth), shared by this module's tests. Teardown fails
     the last test if any of its processes outlive it."""
     cluster = LocalRayCluster(nodes=2, cpus_per_node=2)
-    with cluster:
+    try:
+        cluster.start()
         yield cluster
-    left = processes_referencing(f"{cluster.root}/")
+    finally:
+        left = cluster.stop()  # what SIGTERM left, seen before stop() kills it
+        shutil.rmtree(cluster.root, ignore_errors=True)
     assert not left, f"Ray processes left after teardown: {left}"
 
 
@@ -257,7 +268,10 @@ def test_stop_leaves_no_ray_processes() -> None:
     try:
         cluster.start()
         assert processes_referencing(f"{cluster.root}/")  # the check sees a live cluster
-        assert (cluster.root.stat().st_mode & 0o777) == 0o700  # sockets unreachable for other users
+        for folder in cluster.node_dirs:  # made by ray_cluster.sh: sockets unreachable for other users
+            info = folder.lstat()
+            assert folder.is_dir() and not folder.is_symlink(), folder
+            assert (info.st_uid, info.st_mode & 0o777) == (os.getuid(), 0o700), (folder, oct(info.st_mode))
     finally:
         left = cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)

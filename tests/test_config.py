@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from apot.config import ConfigError, SweepConfig, check_resources, load_config, local_resources
+from apot.config import (
+    ConfigError,
+    SweepConfig,
+    check_resources,
+    load_config,
+    local_resources,
+    resolve_resources,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "search_space.yaml"
 
@@ -36,9 +43,9 @@ def test_shipped_config_is_the_seeds_24_trial_sweep() -> None:
     assert cfg.grid == {"arch": ["resnet18", "resnet34", "resnet50"], "bit": [5, 4, 3, 2],
                         "power": [True, False], "seed": [0]}
     assert cfg.train == {"epochs": 25, "batch_size": 128, "lr": 0.01, "weight_decay": 0.0001, "momentum": 0.9,
-                         "schedule": "step", "width": 16, "train_subset": None}
+                         "schedule": "step", "width": 16, "train_subset": None, "compile": "auto"}
     r = cfg.resources
-    assert (r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker) == (2, 1, 0)
+    assert (r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker) == ("auto", "auto", "auto")
     assert r.max_concurrent_trials is None
     assert Path(cfg.storage).is_absolute() and Path(cfg.storage).name == "ray_results"
     assert Path(cfg.data_dir).is_absolute()
@@ -76,7 +83,7 @@ def test_quick_applies_its_section_only_with_the_flag() -> None:
     assert cfg.quick and cfg.name == "apot_mnist_quick"
     assert cfg.train["epochs"] == 2 and cfg.train["train_subset"] == 4096
     assert cfg.train["lr"] == 0.01  # untouched keys keep the file's values
-    assert cfg.resources.workers_per_trial == 1 and cfg.resources.cpus_per_worker == 1
+    assert cfg.resources.workers_per_trial == "auto" and cfg.resources.cpus_per_worker == "auto"
     assert len(cfg.trials()) == 24  # same grid
     assert check_resources(cfg, {"CPU": 2, "GPU": 0}) == 2  # two single-rank trials on a 2-core CPU
 
@@ -129,12 +136,14 @@ BAD_SETS = [
     (["train.schedule=linear"], r"train\.schedule: 'linear' is not a learning-rate schedule; "
                                 r"allowed: cosine, step, constant"),
     (["train.train_subset=70000"], r"train\.train_subset: 70000 exceeds the 60000 training images"),
-    (["train.batch_size=127"], r"train\.batch_size: 127 is the global batch and must be divisible by "
+    (["train.batch_size=127", "resources.workers_per_trial=2"],
+     r"train\.batch_size: 127 is the global batch and must be divisible by "
                                r"resources\.workers_per_trial \(2\)"),
     (["grid.power=[true,1]"], r"grid\.power: 1 is not true \(APoT\) or false \(uniform\)"),
     (["grid.seed=[0,0]"], r"grid\.seed: 0 is listed twice"),
     (["grid.bit=[]"], r"grid\.bit: the list is empty"),
-    (["resources.gpus_per_worker=0.5"], r"resources\.gpus_per_worker: 0\.5 is a fractional GPU with "
+    (["resources.gpus_per_worker=0.5", "resources.workers_per_trial=2"],
+     r"resources\.gpus_per_worker: 0\.5 is a fractional GPU with "
                                         r"resources\.workers_per_trial: 2; two NCCL ranks .* use "
                                         r"workers_per_trial: 1, or whole GPUs per rank"),
     (["resources.gpus_per_worker=1.5"], r"resources\.gpus_per_worker: 1\.5: above 1 it must be a whole "),
@@ -243,18 +252,24 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
                                           r"4 x 1 = 4 CPUs but the cluster has 2"):
         check_resources(_cfg("resources.workers_per_trial=4"), {"CPU": 2, "GPU": 0})
     with pytest.raises(ConfigError, match=r"= 2 GPUs but the cluster has 1"):
-        check_resources(_cfg("resources.gpus_per_worker=1"), {"CPU": 8, "GPU": 1})
+        check_resources(_cfg("resources.gpus_per_worker=1", "resources.workers_per_trial=2"),
+                        {"CPU": 8, "GPU": 1})
 
 
 @pytest.mark.parametrize(("overrides", "available", "expected"), [
-    ((), {"CPU": 2, "GPU": 0}, 1),                       # 2 ranks x 1 CPU on 2 cores
-    ((), {"CPU": 16, "GPU": 0}, 8),
-    ((), {"CPU": 3.0}, 1),                               # whole trials only
+    ((), {"CPU": 2, "GPU": 0}, 2),                       # auto: 1 rank x 1 CPU per trial
+    ((), {"CPU": 16, "GPU": 0}, 16),
+    ((), {"CPU": 16, "GPU": 1}, 8),                      # auto: trials_per_gpu (8) on the one GPU
+    (("resources.trials_per_gpu=3",), {"CPU": 16, "GPU": 2}, 6),
+    (("resources.workers_per_trial=2",), {"CPU": 2, "GPU": 0}, 1),   # 2 ranks x 1 CPU on 2 cores
+    (("resources.workers_per_trial=2",), {"CPU": 16, "GPU": 0}, 8),
+    (("resources.workers_per_trial=2",), {"CPU": 3.0}, 1),           # whole trials only
     (("resources.workers_per_trial=1",), {"CPU": 64}, 24),  # never more than the trials
     (("grid.bit=[4]", "resources.workers_per_trial=1"), {"CPU": 64}, 6),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 16, "GPU": 1}, 4),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 3, "GPU": 1}, 3),
-    (("resources.gpus_per_worker=1",), {"CPU": 16, "GPU": 4}, 2),  # 2 whole GPUs per trial
+    (("resources.gpus_per_worker=1", "resources.workers_per_trial=2"), {"CPU": 16, "GPU": 4}, 2),
+    (("resources.workers_per_trial=2",), {"CPU": 16, "GPU": 4}, 2),  # auto: a whole GPU per rank
     (("resources.max_concurrent_trials=3",), {"CPU": 2}, 3),       # configured wins
 ])
 def test_derived_concurrency(overrides: tuple[str, ...], available: dict, expected: int) -> None:
@@ -264,3 +279,28 @@ def test_derived_concurrency(overrides: tuple[str, ...], available: dict, expect
 def test_local_resources() -> None:
     res = local_resources()
     assert res["CPU"] >= 1 and res["GPU"] >= 0
+
+
+@pytest.mark.parametrize(("overrides", "available", "expected"), [
+    ((), {"CPU": 2, "GPU": 0}, (1, 1, 0)),                           # CPU: the measured layout
+    ((), {"CPU": 16, "GPU": 1}, (1, 1, 0.125)),                      # 8 single-rank trials per GPU
+    (("resources.trials_per_gpu=3",), {"CPU": 16, "GPU": 1}, (1, 1, 0.3333)),  # Ray's 1e-4 resolution
+    (("resources.workers_per_trial=2",), {"CPU": 16, "GPU": 4}, (2, 1, 1)),    # a whole GPU per rank
+    (("resources.gpus_per_worker=0",), {"CPU": 16, "GPU": 1}, (1, 1, 0)),      # explicit values stay
+    (("resources.cpus_per_worker=2",), {"CPU": 16, "GPU": 0}, (1, 2, 0)),
+])
+def test_auto_resources_fit_the_machine(overrides: tuple[str, ...], available: dict,
+                                        expected: tuple) -> None:
+    r = resolve_resources(_cfg(*overrides), available).resources
+    assert (r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker) == expected
+
+
+def test_bad_auto_values_are_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"resources\.trials_per_gpu: 0 must be >= 1"):
+        _cfg("resources.trials_per_gpu=0")
+    with pytest.raises(ConfigError, match=r"resources\.workers_per_trial: 'two' is not an integer"):
+        _cfg("resources.workers_per_trial=two")
+    with pytest.raises(ConfigError, match=r"train\.compile: 'fast' is not a training-step mode; "
+                                          r"allowed: auto, "
+                                          r"eager, compile, cudagraph"):
+        _cfg("train.compile=fast")

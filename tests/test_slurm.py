@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,9 +63,11 @@ def slurm_env() -> Iterator[dict[str, str]]:
         subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], capture_output=True, timeout=180)
 
 
-def submit(env: dict[str, str], out: Path, *args: str, extra_env: dict[str, str] | None = None) -> int:
-    """sbatch slurm/ray_cluster.sh from the repository root; returns the job id."""
-    done = subprocess.run(["sbatch", "--parsable", f"--output={out}", str(RAY_CLUSTER), *args], cwd=REPO,
+def submit(env: dict[str, str], out: Path, *args: str, extra_env: dict[str, str] | None = None,
+           sbatch: tuple[str, ...] = ()) -> int:
+    """sbatch [sbatch options] slurm/ray_cluster.sh [args] from the repository root; returns the job id."""
+    command = ["sbatch", "--parsable", f"--output={out}", *sbatch, str(RAY_CLUSTER), *args]
+    done = subprocess.run(command, cwd=REPO,
                           env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip().split(";")[0])
@@ -102,13 +106,19 @@ def read_log(out: Path) -> str:
     return out.read_text(errors="replace") if out.exists() else "(no job log)"
 
 
+def job_tmp_dirs(job: int) -> list[Path]:
+    """The job's private Ray temp dirs (ray_cluster.sh: mktemp -d /tmp/ray-<job>-XXXXXX, one per node)."""
+    return sorted(Path("/tmp").glob(f"ray-{job}-*"))
+
+
 def assert_nothing_left(job: int, timeout_s: float = 60) -> None:
     """No process of the job (by SLURM_JOB_ID in its environment) and none under its Ray temp dirs; then
     the temp dirs (Ray's logs) are removed, as job ids restart with every fresh local cluster."""
-    for needle in (f"SLURM_JOB_ID={job}", f"/tmp/ray-{job}/"):
+    for needle in (f"SLURM_JOB_ID={job}", f"/tmp/ray-{job}-"):
         left = wait_until_gone(needle, timeout_s)
         assert not left, f"job {job} left processes behind ({needle}): {left}"
-    shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
+    for folder in job_tmp_dirs(job):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ stand-in driver
@@ -138,6 +148,11 @@ report = {"argv": sys.argv[1:], "auth_mode": os.environ.get("RAY_AUTH_MODE"), "t
 ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
 nodes = [n for n in ray.nodes() if n["Alive"]]
 report["nodes"] = sorted(n["NodeID"] for n in nodes)
+report["head_address"] = ray.get_runtime_context().gcs_address
+# The private folder around this node's Ray temp dir (<folder>/r/session_...), as the driver's node sees it.
+session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+own = session.parent.parent
+report["tmp_dirs"] = {str(own): [own.is_symlink(), own.lstat().st_uid, oct(own.lstat().st_mode & 0o777)]}
 report["cpus"] = ray.cluster_resources().get("CPU")
 
 @ray.remote(num_cpus=1)
@@ -170,14 +185,19 @@ sys.exit(args.exit_code)
 '''
 
 
-@pytest.fixture
-def standin(tmp_path: Path) -> dict[str, str]:
-    """Environment that makes ray_cluster.sh run the stand-in driver with storage in tmp_path."""
-    entry = tmp_path / "standin.py"
+def make_standin(folder: Path) -> dict[str, str]:
+    """Environment that makes ray_cluster.sh run the stand-in driver with storage in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / "standin.py"
     entry.write_text(STANDIN)
-    storage = tmp_path / "storage"
+    storage = folder / "storage"
     storage.mkdir()
     return {"APOT_SWEEP_ENTRY": str(entry), "APOT_STORAGE": str(storage)}
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> dict[str, str]:
+    return make_standin(tmp_path)
 
 
 def runs(standin: dict[str, str]) -> list[dict]:
@@ -190,7 +210,7 @@ def assert_token_kept_secret(job: int, standin: dict[str, str], out: Path) -> No
         token = token_file.read_text()
         assert len(token) == 64
         assert token not in read_log(out), "the token was printed to the job log"
-        for path in Path(f"/tmp/ray-{job}").rglob("*"):
+        for path in (p for folder in job_tmp_dirs(job) for p in folder.rglob("*")):
             if path.is_file() and not path.is_socket():
                 assert token not in path.read_text(errors="ignore"), f"the token is in {path}"
 
@@ -210,8 +230,8 @@ def test_job_forms_two_node_cluster_with_token_auth(slurm_env, standin, tmp_path
     for probe in ("wrong_token", "no_auth"):
         assert run[probe]["rc"] != 0 and run[probe]["rejected"], run[probe]["stderr"]
     assert "--resume" not in run["argv"]  # resume detection is for tune_sweep.py only
-    assert run["argv"][:4] == ["--address", f"127.0.0.1:{20000 + job % 798 * 16}", "--storage",
-                               standin["APOT_STORAGE"]]  # the GCS port derived from the job id
+    assert run["argv"][:4] == ["--address", run["head_address"], "--storage", standin["APOT_STORAGE"]]
+    assert re.fullmatch(r"[0-9.]+:[0-9]+", run["head_address"])  # read from the head's own temp dir
     assert "2 node(s) (n1 n2)" in log and "Ray cluster up: 2 nodes" in log
     assert_token_kept_secret(job, standin, out)
     assert_nothing_left(job)
@@ -245,7 +265,7 @@ def test_cancelled_job_leaves_no_processes(slurm_env, standin, tmp_path: Path) -
     out = tmp_path / "job.out"
     job = submit(slurm_env, out, "--hold", "600", extra_env=standin)
     wait_for_file(Path(standin["APOT_STORAGE"]) / "holding", job, slurm_env, out, timeout_s=300)
-    assert processes_referencing(f"/tmp/ray-{job}/")  # the check sees the live cluster
+    assert processes_referencing(f"/tmp/ray-{job}-")  # the check sees the live cluster
     token = (Path(standin["APOT_STORAGE"]) / "token0").read_text()
     assert not processes_referencing(token), "the token is on a command line"
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True)
@@ -343,6 +363,191 @@ def test_cancelled_sweep_resumes_without_rerunning_finished_trials(slurm_env, ti
     assert_nothing_left(job)
 
 
+class Squatter:
+    """A listener on a port (all interfaces) that keeps whatever connects to it sends."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("", port), reuse_port=False)
+        self.sock.settimeout(0.5)
+        self.received: list[bytes] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                try:
+                    while chunk := conn.recv(65536):
+                        data += chunk
+                except OSError:
+                    pass
+                self.received.append(data)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@slurm
+def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_env, tmp_path: Path) -> None:
+    """Two jobs at once on node n2. Before they start, the GCS port each head would have had (derived from
+    the job id, which squeue shows) is bound by a squatter, and each job's old temp dir /tmp/ray-<job> is
+    planted as a link to another user's folder. Both jobs form their own one-node cluster and complete; the
+    squatters get no connection (so no token); nothing goes through the planted links; each node's temp dir
+    is a private folder (not a link, this user's, 0700) of its own job."""
+    envs = [make_standin(tmp_path / name) for name in ("a", "b")]
+    jobs = [submit(slurm_env, tmp_path / f"{name}.out", "--hold", "15", extra_env=env,
+                   sbatch=("--hold", "--nodes=1", "-w", "n2", "--cpus-per-task=1"))
+            for name, env in zip("ab", envs, strict=True)]
+    squatters, planted = [], []
+    try:
+        for job in jobs:
+            squatters.append(Squatter(20000 + job % 798 * 16))  # the port the old script derived
+            target = tmp_path / f"attacker{job}"
+            target.mkdir()
+            link = Path(f"/tmp/ray-{job}")
+            link.symlink_to(target)
+            planted.append((link, target))
+        subprocess.run(["scontrol", "release", *map(str, jobs)], env=slurm_env, check=True)
+        results = [wait_for_job(slurm_env, job, tmp_path / f"{name}.out", timeout_s=300)
+                   for job, name in zip(jobs, "ab", strict=True)]
+    finally:
+        for squatter in squatters:
+            squatter.close()
+        for link, _ in planted:
+            link.unlink(missing_ok=True)
+    for (state, code), name in zip(results, "ab", strict=True):
+        assert (state, code) == ("COMPLETED", "0:0"), read_log(tmp_path / f"{name}.out")[-4000:]
+    (a,), (b,) = runs(envs[0]), runs(envs[1])
+    fields = [job_fields(slurm_env, job) for job in jobs]
+    assert max(f["StartTime"] for f in fields) < min(f["EndTime"] for f in fields)  # they ran at once
+    assert len(a["nodes"]) == len(b["nodes"]) == 1 and a["nodes"] != b["nodes"]  # each its own cluster
+    assert a["ran_on"] == a["nodes"] and b["ran_on"] == b["nodes"]
+    assert a["head_address"] != b["head_address"]
+    for job, run, squatter in zip(jobs, (a, b), squatters, strict=True):
+        assert not run["head_address"].endswith(f":{20000 + job % 798 * 16}")
+        assert squatter.received == [], f"the squatter of job {job} got connections: {squatter.received}"
+        assert len(run["tmp_dirs"]) == 1, run["tmp_dirs"]  # one node: the head's folder
+        for folder, (is_link, uid, mode) in run["tmp_dirs"].items():
+            assert folder.startswith(f"/tmp/ray-{job}-") and not is_link
+            assert (uid, mode) == (os.getuid(), "0o700"), folder
+    for _, target in planted:
+        assert list(target.iterdir()) == [], f"something was written through the planted link: {target}"
+    for job in jobs:
+        assert_nothing_left(job)
+
+
+EPOCH_LINE = re.compile(r"^\S+ \S+ (?P<trial>\S.*?)\s+epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s", re.M)
+STATE_LINE = re.compile(r"^\S+ \S+ (?P<trial>\S.*?)\s+(?P<state>TERMINATED|RUNNING)\b", re.M)
+ATTEMPT_LINE = re.compile(r"ray_cluster: job \d+ \(restart (\d+)\)")
+
+
+def attempts(log: str) -> list[str]:
+    """The job log (--open-mode=append) cut into one part per run of the job, in order."""
+    starts = [m.start() for m in ATTEMPT_LINE.finditer(log)]
+    return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)], strict=True)]
+
+
+def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float) -> tuple[str, str]:
+    """Wait for the job like `wait_for_job`, but start each requeued run at once: Slurm holds a requeued job
+    back for two minutes (BeginTime), which only makes the test slower. Fails at the first requeue when the
+    first run trained no epoch: start-up outlasted the limit, and no number of runs would finish."""
+    deadline = time.monotonic() + timeout_s
+    nudged: set[str] = set()
+    while time.monotonic() < deadline:
+        fields = job_fields(env, job)
+        if fields.get("JobState") in TERMINAL_STATES:
+            return fields["JobState"], fields["ExitCode"]
+        if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime" \
+                and fields.get("Restarts") not in nudged:
+            first = attempts(read_log(out))[:1]
+            if first and not EPOCH_LINE.search(first[0]):
+                subprocess.run(["scancel", str(job)], env=env)
+                pytest.fail("the first run reached no epoch before the time limit: this machine is too slow "
+                            "(loaded?) for the test's sizes; try APOT_TEST_TIME_LIMIT_MIN=3 "
+                            f"APOT_TEST_TIME_LIMIT_EPOCHS=6\n{read_log(out)[-4000:]}")
+            # Only once the last run is gone: a run started while the last one is still being cleaned up on
+            # its node is killed by Slurm ("Job credential revoked").
+            left = wait_until_gone(f"SLURM_JOB_ID={job}", timeout_s=120)
+            assert not left, f"the last run of job {job} left processes behind: {left}"
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            nudged.add(fields["Restarts"])
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)], env=env)
+    pytest.fail(f"job {job} still not done after {timeout_s} s; log:\n{read_log(out)[-6000:]}")
+
+
+@slurm
+@pytest.mark.skipif(not HAS_TUNE_SWEEP, reason="tune_sweep.py not written yet")
+def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path, tmp_path: Path) -> None:
+    """A 2-minute job for a sweep that needs more: Slurm's warning (USR1, 1 s before the limit as asked,
+    up to 30 s earlier as Slurm checks every 30 s) stops the sweep, the job requeues itself and resumes, until
+    the sweep is done. What ran, from the job log: no reported epoch and no finished trial trained again; an
+    epoch not reported is only ever the one a stop caught in flight (it may have been checkpointed during the
+    stop, after the display stopped: then the next run starts after it)."""
+    out, storage = tmp_path / "job.out", tmp_path / "results"
+    # Sized for an unloaded 2-core runner (estimated: ~40 s of start-up per run, ~0.5 s an epoch, ~11 s to
+    # start a trial): 2 x 80 epochs do not fit in one 2-minute run and do in two. On a slower (loaded)
+    # machine start-up alone can outlast the limit: raise it there (APOT_TEST_TIME_LIMIT_MIN=3,
+    # APOT_TEST_TIME_LIMIT_EPOCHS=6 passed at load ~40 on 2 cores, in two runs).
+    minutes = int(os.environ.get("APOT_TEST_TIME_LIMIT_MIN", "2"))
+    epochs = int(os.environ.get("APOT_TEST_TIME_LIMIT_EPOCHS", "80"))
+    job = submit(slurm_env, out, "--data-dir", str(tiny_mnist), "--display", "plain",
+                 "--set", "name=slurm_time_limit",
+                 "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[2]", "--set", "grid.power=[true,false]",
+                 "--set", "grid.seed=[0]", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=64",
+                 "--set", "train.width=4", "--set", "resources.workers_per_trial=1",
+                 "--set", "resources.max_concurrent_trials=1", extra_env={"APOT_STORAGE": str(storage)},
+                 sbatch=(f"--time={minutes}", "--signal=B:USR1@1", "--nodes=1", "--cpus-per-task=2"))
+    state, code = run_requeued_job(slurm_env, job, out, timeout_s=300 * minutes)
+    log = read_log(out)
+    assert (state, code) == ("COMPLETED", "0:0"), log[-6000:]
+    assert job_fields(slurm_env, job)["TimeLimit"] == f"00:{minutes:02d}:00"
+    runs_ = attempts(log)
+    assert len(runs_) >= 2, f"finished within one minute: the test needs a longer sweep\n{log[-4000:]}"
+    for run in runs_[:-1]:
+        assert "time limit near (SIGUSR1)" in run and "requeueing job" in run, run[-4000:]
+        assert "got SIGTERM: stopping the trials" in run, run[-4000:]  # the driver's graceful stop
+    assert "--resume" in runs_[-1] and "requeueing" not in runs_[-1]
+
+    reported: dict[str, list[int]] = {}
+    finished_in: dict[str, int] = {}
+    in_flight: dict[str, set[int]] = {}  # per trial: the epoch after its last reported one, at each stop
+    for i, run in enumerate(runs_):
+        started = set()
+        for m in EPOCH_LINE.finditer(run):
+            assert m["trial"] not in finished_in, f"{m['trial']} ran again after it finished (run {i})"
+            reported.setdefault(m["trial"], []).append(int(m["epoch"]))
+        for m in STATE_LINE.finditer(run):
+            assert m["trial"] not in finished_in, f"{m['trial']} started again after it finished (run {i})"
+            started.add(m["trial"])
+            if m["state"] == "TERMINATED":
+                finished_in[m["trial"]] = i
+        if i < len(runs_) - 1:  # this run ended in a stop
+            for trial in started - set(finished_in):
+                in_flight.setdefault(trial, set()).add((reported.get(trial) or [0])[-1] + 1)
+    assert len(reported) == 2 and len(finished_in) == 2, log[-4000:]
+    for trial, seen in reported.items():
+        assert seen == sorted(set(seen)), f"{trial}: an epoch was trained again: {seen}"
+        unseen = set(range(1, epochs + 1)) - set(seen)
+        assert unseen <= in_flight.get(trial, set()), f"{trial}: epochs lost {unseen} (reported {seen})"
+    per_run = [[int(m["epoch"]) for m in EPOCH_LINE.finditer(run)] for run in runs_]
+    assert sum(bool(r) for r in per_run) >= 2, f"all epochs trained in one run: {per_run}"
+
+    records = [json.loads(f.read_text()) for f in (storage / "slurm_time_limit" / "records").glob("*.json")]
+    assert sorted(r["state"] for r in records) == ["TERMINATED", "TERMINATED"]
+    assert all([h["epoch"] for h in r["history"]] == list(range(1, epochs + 1)) for r in records)
+    assert_nothing_left(job)
+
+
 # ------------------------------------------------------------------- GPU counts (no Slurm needed)
 @pytest.mark.parametrize("env, expected", [
     ({}, "0"),
@@ -364,6 +569,56 @@ def test_gpus_per_node(env: dict[str, str], expected: str) -> None:
     got = subprocess.run(["bash", "-c", f'source "{RAY_CLUSTER}" && gpus_per_node'], env={**clean, **env},
                          capture_output=True, text=True, check=True)
     assert got.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("plant", ["link", "mode", "owner"])
+def test_private_temp_dir_check_refuses_planted_dirs(plant: str, tmp_path: Path) -> None:
+    """ray_cluster.sh's check on a Ray temp dir: a link, a folder others can enter, or one another user
+    owns is refused with one line; the folder private_tmp_dir makes passes it."""
+    if plant == "owner" and os.geteuid() != 0:
+        pytest.skip("making a folder owned by another user needs root")
+    folder = tmp_path / "planted"
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    if plant == "link":
+        folder.symlink_to(tmp_path / "elsewhere")
+    else:
+        folder.mkdir(mode=0o700)
+        if plant == "mode":
+            folder.chmod(0o755)
+        else:
+            os.chown(folder, 65534, 65534)
+    script = 'source "$1" && check_private_dir "$2"'
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    got = subprocess.run(["bash", "-c", script, "_", str(RAY_CLUSTER), str(folder)], env=clean,
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode == 1 and "refusing it as a Ray temp dir" in got.stderr, got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
+    made = subprocess.run(["bash", "-c", 'source "$1" && private_tmp_dir "$2"', "_", str(RAY_CLUSTER),
+                           str(tmp_path)], env=clean, capture_output=True, text=True, timeout=30)
+    path = Path(made.stdout.strip())
+    assert made.returncode == 0 and path.parent == tmp_path and path.name.startswith("ray-x-")
+    assert subprocess.run(["bash", "-c", script, "_", str(RAY_CLUSTER), str(path)], env=clean).returncode == 0
+    assert (path.lstat().st_uid, path.lstat().st_mode & 0o777) == (os.getuid(), 0o700)
+
+
+@pytest.mark.parametrize("plant", ["link", "mode"])
+def test_local_cluster_refuses_an_unsafe_state_dir(plant: str, tmp_path: Path) -> None:
+    """slurm/local_cluster.sh runs root daemons from its state dir: a link or a folder others can enter is
+    refused with one line, before anything is started or removed."""
+    state = tmp_path / "state"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("x")
+    if plant == "link":
+        state.symlink_to(tmp_path / "elsewhere")
+    else:
+        state.mkdir(mode=0o755)
+        state.chmod(0o755)
+    for command in ("start", "stop", "status"):
+        got = subprocess.run(["bash", str(LOCAL_CLUSTER), command], capture_output=True, text=True,
+                             env={**os.environ, "APOT_SLURM_DIR": str(state)}, timeout=30)
+        assert got.returncode == 1 and f"{state} is " in got.stderr and "run again" in got.stderr, got.stderr
+        assert got.stdout == ""
+    assert (tmp_path / "elsewhere" / "keep").exists()
 
 
 def test_ray_cluster_refuses_to_run_outside_slurm() -> None:

@@ -1,0 +1,251 @@
+"""The training step, built once per trial: eager, ``torch.compile``d, or replayed as one CUDA graph.
+
+The loop in `apot.train` only ever calls ``loss, logits = step(x, y)``; how that step runs is decided here
+(STYLE.md 11: the fast path swaps the step, not the loop). Every mode computes the same thing:
+
+    logits = net(x);  loss = loss_fn(logits, y);  zero the grads;  loss.backward();  optimizer.step()
+
+and returns ``(loss, logits)`` detached. Modes (``TrainConfig.compile``):
+
+    eager      plain PyTorch.
+    compile    ``torch.compile`` of the forward and loss (AOTAutograd compiles the backward with it); the
+               optimizer step runs eagerly. Works under DDP (the compiled module is the DDP wrapper, so
+               Dynamo's DDP optimizer splits the graph at the gradient buckets).
+    cudagraph  CUDA, one rank only: the compiled forward, the backward and the optimizer step captured
+               together as one CUDA graph after a few warm-up steps, then replayed per batch from static
+               input buffers (one launch per step instead of ~900 kernels). Needs an optimizer step free of
+               host syncs: `make_capturable` switches SGD to its fused kernel with tensor learning rates
+               (schedulers update those in place, so the captured graph follows the schedule).
+    auto       cudagraph on one CUDA rank, compile on several, and `CPU_AUTO_MODE` on the CPU.
+
+Compile work shared across trials has one owner, `use_compile_cache`: every trial of a sweep points
+Inductor's FX-graph cache and AOTAutograd's cache at one folder in the experiment's storage. With the lookup
+tables padded to one size (`apot.quant.TABLE_SCALE`), every bit width and quantizer of an arch has the same
+graph, so the first trial of an arch compiles and the others load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STEP_MODES = ("auto", "eager", "compile", "cudagraph")
+CPU_AUTO_MODE = "eager"
+"""What ``auto`` means on a CPU. Compiling is not shown to pay off there: the compiled CPU step was not
+measured to completion on the (heavily shared) 2-core machine this was built on, and every CPU test and
+quick sweep would pay a compile of minutes (README, "Fast step and resources"). ``compile`` is one setting
+away (``--set train.compile=compile``)."""
+COMPILE_BACKEND = os.environ.get("APOT_COMPILE_BACKEND", "inductor")
+"""``torch.compile`` backend. ``aot_eager`` traces the same forward and backward graphs (Dynamo +
+AOTAutograd) but runs them without code generation: for debugging numerics, and for the DDP test on CPU."""
+WARMUP_STEPS = 3
+"""Eager/compiled steps before a CUDA graph is captured (cuDNN autotuning, optimizer state, compile)."""
+
+CACHE_DIR_ENV = "APOT_COMPILE_CACHE"  # set by use_compile_cache: where compile_lock keeps its lock files
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Environment read by Inductor/AOTAutograd (also by their compile subprocesses).
+CACHE_ENV = {
+    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    # AOTAutograd skips graphs holding custom autograd Functions (our quantizers) unless told otherwise.
+    "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1",
+}
+
+
+def resolve_mode(mode: str, device: torch.device, world_size: int = 1) -> str:
+    """The concrete mode (eager, compile or cudagraph) for ``mode`` on ``device`` with ``world_size`` ranks.
+
+    Raises:
+        ValueError: unknown mode, or cudagraph asked for on a CPU or with several DDP ranks.
+    """
+    if mode not in STEP_MODES:
+        raise ValueError(f"compile: {mode!r} is not one of {', '.join(STEP_MODES)}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return CPU_AUTO_MODE
+        return "cudagraph" if world_size == 1 else "compile"
+    if mode == "cudagraph" and device.type != "cuda":
+        raise ValueError(f"compile: cudagraph needs a CUDA device, this trial runs on {device}; "
+                         "use compile, eager or auto")
+    if mode == "cudagraph" and world_size > 1:
+        raise ValueError(f"compile: cudagraph captures a single-rank step, this trial has {world_size} DDP "
+                         "ranks; use compile (or auto), or resources.workers_per_trial: 1")
+    return mode
+
+
+def use_compile_cache(folder: str | os.PathLike[str]) -> Path:
+    """Point this process's Inductor and AOTAutograd caches at ``folder`` (created, 0700) and enable them.
+
+    Call before the first compile. Every trial of a sweep calls it with the same folder, so graphs compiled by
+    one trial are loaded by the next (the caches key on the graph, the torch version and the device, and
+    their writes are atomic, so concurrent trials can share the folder). Returns the folder.
+    """
+    path = Path(folder).resolve()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.environ.update(CACHE_ENV, TORCHINDUCTOR_CACHE_DIR=str(path), **{CACHE_DIR_ENV: str(path)})
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    return path
+
+
+@contextlib.contextmanager
+def compile_lock(key: str) -> Iterator[None]:
+    """Hold an exclusive file lock named ``key`` in the shared compile cache (`use_compile_cache`), if one is
+    in use: trials that would compile the same graph at the same time take turns, so only the first
+    compiles. Released when the holder exits or dies (``flock``). Single-rank trials only (`TrainStep`)."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if not folder:
+        yield
+        return
+    with open(Path(folder) / f"compile-{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Switch an SGD optimizer, in place, to a step a CUDA graph can capture: the fused kernel, with every
+    group's learning rate a 0-dim tensor on ``device`` (a float lr or the foreach path would sync with the
+    host). Values, momentum buffers and parameter groups are unchanged.
+
+    Raises:
+        ValueError: not ``torch.optim.SGD`` (the one optimizer this project uses).
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"compile: cudagraph captures torch.optim.SGD steps, got "
+                         f"{type(optimizer).__name__}; "
+                         "use compile or eager")
+    for group in optimizer.param_groups:  # also a tensor lr restored from a checkpoint onto another device
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        group["fused"], group["foreach"] = True, False
+    optimizer.defaults.update(fused=True, foreach=False)
+
+
+class TrainStep:
+    """``step(x, y) -> (loss, logits)``, detached: one optimizer step on the batch (see the module doc).
+
+    Attributes:
+        mode: the concrete mode (eager, compile, cudagraph).
+        setup_s: wall seconds of the calls that compiled or captured (their training work included); 0 for
+            eager. What a trial records as its compile time.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
+                 world_size: int = 1) -> None:
+        self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
+        self.world_size = world_size
+        self.setup_s = 0.0
+        self.steps = 0
+        self.forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
+        if mode != "eager":
+            self.forward = torch.compile(self._forward, dynamic=False, backend=COMPILE_BACKEND)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, ...] = ()
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return self.loss_fn(logits, y), logits
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = self.forward(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.steps += 1
+        if self.mode == "eager" or (self.mode == "compile" and self.steps > 1):
+            return self._eager_step(x, y)
+        if self._graph is not None:
+            if x.shape == self._static[0].shape and y.shape == self._static[1].shape:
+                static_x, static_y, loss, logits = self._static
+                static_x.copy_(x)
+                static_y.copy_(y)
+                self._graph.replay()
+                return loss, logits
+            return self._eager_step(x, y)  # a batch of another shape: compiled, outside the graph
+        start = time.perf_counter()
+        # The first call compiles: under the shared cache, one trial compiles a graph while the others
+        # with the same graph wait, then load it from the cache instead of compiling it again. Never across
+        # DDP ranks: a rank waiting for the lock would block the holder's collectives (a deadlock).
+        lock = self.steps == 1 and self.world_size == 1
+        with compile_lock(self._graph_key(x)) if lock else contextlib.nullcontext():
+            if self.mode == "compile":
+                out = self._eager_step(x, y)
+            elif self.steps <= WARMUP_STEPS:  # warm up on a side stream, as torch.cuda.graphs asks
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self._eager_step(x, y)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+            else:
+                out = self._capture(x, y)
+        self.setup_s += time.perf_counter() - start
+        return out
+
+    def _graph_key(self, x: torch.Tensor) -> str:
+        """What identifies the compiled graph: shapes of every parameter and buffer, the batch, the mode."""
+        shapes = [(n, tuple(t.shape)) for n, t in [*self.net.named_parameters(), *self.net.named_buffers()]]
+        text = repr((shapes, tuple(x.shape), x.device.type, self.mode, COMPILE_BACKEND))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Capture forward + backward + optimizer step on static copies of this batch, then replay it once
+        (capturing records the kernels without running them)."""
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the grads from its own pool
+        with torch.cuda.graph(graph):
+            loss, logits = self.forward(static_x, static_y)
+            loss.backward()
+            self.optimizer.step()
+        self._graph = graph
+        self._static = (static_x, static_y, loss.detach(), logits.detach())
+        graph.replay()
+        torch.cuda.synchronize()
+        return self._static[2], self._static[3]
+
+
+def build_step(
+    net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *, mode: str = "auto",
+    device: torch.device, world_size: int = 1,
+) -> TrainStep:
+    """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper).
+
+    Args:
+        net: called as ``net(x)`` for the logits.
+        optimizer: built by the caller (any parameter groups); only ``cudagraph`` changes it
+            (`make_capturable`).
+        loss_fn: ``loss_fn(logits, y)`` -> scalar loss.
+        mode: one of `STEP_MODES` (``auto`` resolves with `resolve_mode`).
+        device, world_size: where the step runs and the number of DDP ranks.
+    """
+    concrete = resolve_mode(mode, device, world_size)
+    if concrete == "cudagraph":
+        make_capturable(optimizer, device)
+    if concrete != "eager" and device.type == "cuda":
+        import torch._inductor.config as inductor_config
+
+        # Triton's fp32 division is approximate by default, eager's correctly rounded; the quantizers project
+        # x / alpha onto the levels, so a last-bit difference could move a value across a midpoint.
+        if hasattr(inductor_config, "eager_numerics"):
+            inductor_config.eager_numerics.division_rounding = True
+    return TrainStep(net, optimizer, loss_fn, concrete, world_size)

@@ -1,0 +1,72 @@
+"""SIGTERM (kill, timeout, Slurm's cancel and ray_cluster.sh's time-limit stop) stops tune_sweep.py as Ctrl-C
+does, through a real local Ray: tables written with each trial's state, non-zero exit, no native trace, and
+--resume then continues each trial from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from test_sweep import REPO, run_sweep, sweep_cmd
+
+EPOCHS = 5
+EPOCH_LINE = re.compile(r"^\S+ \S+ (?P<trial>\S.*?)\s+epoch (?P<epoch>\d+)/\d+\s", re.M)
+
+
+def epochs_shown(output: str) -> dict[str, list[int]]:
+    """Trial label -> the epochs the display reported, in order."""
+    shown: dict[str, list[int]] = {}
+    for m in EPOCH_LINE.finditer(output):
+        shown.setdefault(m["trial"], []).append(int(m["epoch"]))
+    return shown
+
+
+def test_sigterm_mid_sweep_writes_tables_and_resume_completes(synthetic_mnist_root: Path,
+                                                               tmp_path: Path) -> None:
+    # One trial; batch 16 (64 steps an epoch) so the epochs left outlast the stop (Tune stops a trial within
+    # seconds, not at once).
+    cmd = sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[2]", "--set", "grid.power=[true]",
+                    "--set", f"train.epochs={EPOCHS}", "--set", "train.batch_size=16",
+                    "--set", "resources.workers_per_trial=1")
+    experiment = tmp_path / "apot_mnist"
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    deadline = time.time() + 400
+    while not EPOCH_LINE.search(log.read_text()):  # an epoch reported: its checkpoint is registered
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no epoch reported in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or `timeout` does
+    assert proc.wait(timeout=180) == 128 + signal.SIGTERM
+    first = log.read_text()
+    assert "SIGTERM received" not in first and "PC: @" not in first, first[-3000:]  # no native trace
+    assert "Traceback" not in first, first[-3000:]
+    assert first.count("got SIGTERM: stopping the trials") == 1
+    ((label, before),) = epochs_shown(first).items()
+    records = {p.stem: json.loads(p.read_text()) for p in (experiment / "records").glob("*.json")}
+    (stopped,) = records.values()
+    kept = stopped["epochs_done"]
+    assert kept < EPOCHS, f"the trial finished during the stop ({before} shown before): slower epochs needed"
+    assert stopped["state"] == "INCOMPLETE" and kept >= before[-1]  # no reported epoch lost
+    tables = (experiment / "tables.md").read_text()
+    assert "| incomplete |" in tables and "running" not in tables, tables
+
+    r = run_sweep(*cmd, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # What the resumed run trained: from the last registered checkpoint on. Every epoch reported before the
+    # signal is kept; at most one more is trained again (the epoch in flight: its record can be written
+    # before Ray Train registers its checkpoint, and the stop can come in between).
+    resumed = epochs_shown(r.stdout)[label]
+    start = resumed[0]
+    assert resumed == list(range(start, EPOCHS + 1)), resumed
+    assert before[-1] < start and kept <= start <= kept + 1, (before, kept, resumed)
+    (done,) = [json.loads(p.read_text()) for p in (experiment / "records").glob("*.json")]
+    assert done["state"] == "TERMINATED"
+    assert [h["epoch"] for h in done["history"]] == list(range(1, EPOCHS + 1))

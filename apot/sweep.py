@@ -103,16 +103,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(Path(folder), asdict(cfg))
     startup_s = time.time() - loop_config["driver_started_at"]
+    trained: list[int] = []  # the epochs this attempt trained (not those it resumed with)
 
     def write_record(history: list[dict[str, Any]], state: str, **extra: Any) -> None:
         record = summarize(cfg, history)
         resumed_from = resume["epoch"] if resume else None
-        record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from, **extra)
+        record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from,
+                      epochs_trained=list(trained), **extra)
         write_json(record, record_file)
 
     final: dict[str, Any] = {"state": resume}  # the latest checkpoint state (rank 0)
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        trained.append(metrics["epoch"])
         if rank != 0:  # every rank reports (a barrier); only rank 0 carries the checkpoint
             ray.train.report(metrics)
             return

@@ -42,6 +42,7 @@ from apot.config import (
     trial_name,
 )
 from apot.data import MNISTDataError, ensure_mnist
+from apot.ray_session import RaySetupError, check_ray_version, start_ray
 from apot.sweep import STOP_MARKER, collect_records, param_space, record_path, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
@@ -82,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None,
                    help=f"sweep definition (default: ./{DEFAULT_CONFIG}, else the one shipped with apot)")
     p.add_argument("--quick", action="store_true", help="apply the config's quick: section (a short demo)")
-    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (host:port or auto) instead of starting a private local one")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in storage")
     p.add_argument("--storage", default=None, help="override the config's storage folder")
     p.add_argument("--data-dir", default=None, help="override the MNIST root (else $APOT_DATA_DIR or config)")
@@ -107,11 +109,15 @@ def fail(message: str) -> int:
 
 
 def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
-    """Refuse to resume a sweep with a different grid or training setup than it started with."""
+    """Refuse to resume a sweep that is not there, or has a different grid or training setup."""
     saved_file = experiment / SAVED_CONFIG
-    if not saved_file.exists():
-        return
-    saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+    if not saved_file.is_file():
+        raise ConfigError(f"--resume: no sweep to resume at {experiment} (no {SAVED_CONFIG}); check "
+                          "--storage and the config's name, or drop --resume to start a new sweep")
+    try:
+        saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--resume: cannot read {saved_file} ({type(exc).__name__}: {exc})") from None
     for key in TRIAL_DEFINING_KEYS:
         if saved.get(key) != now.get(key):
             raise ConfigError(
@@ -119,6 +125,20 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
                 f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
                 "or start a new sweep with --set name=<new name>"
             )
+
+
+def check_storage(experiment: Path) -> None:
+    """Refuse a sweep folder that cannot be made or written (under a file, read-only) before Ray starts."""
+    for folder in (experiment, *experiment.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ConfigError(f"storage: {folder} is a file, not a folder, so {experiment} cannot be made; "
+                              "point --storage (or storage: in the config) at a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage: {folder} is not writable, so {experiment} cannot be written; "
+                              "point --storage (or storage: in the config) at a folder of yours")
+        return
 
 
 def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) -> str:
@@ -234,17 +254,30 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
 def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
               stop: GracefulStop) -> dict[str, Any]:
     """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
+    t0 = time.time()
+    session = start_ray(args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
+                        configure_logging=True)
+    stop.install()  # after ray.init: Ray's core worker replaced the SIGTERM handler
+    ray_init_s = time.time() - t0
+    print(session.describe(), flush=True)
+    try:
+        return _fit(cfg, args, experiment, ray_init_s, stop)
+    finally:  # the private cluster's logs are kept when a trial did not finish
+        records = collect_records(experiment, cfg.trials())
+        unfinished = sum(r["state"] != "TERMINATED" for r in records) + len(cfg.trials()) - len(records)
+        session.close(keep_logs=unfinished > 0)
+        if unfinished and session.private:
+            print(f"ray: logs kept in {session.temp_dir}/ray", flush=True)
+
+
+def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float,
+         stop: GracefulStop) -> dict[str, Any]:
     import ray
     from ray import tune
 
     from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback
 
     os.environ.update(QUIET_RAY_ENV)
-    t0 = time.time()
-    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
-             configure_logging=True)
-    stop.install()
-    ray_init_s = time.time() - t0
     res = cfg.resources
     if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
         cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
@@ -310,18 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(cfg, local_resources(), args.address))
             return 0
+        check_storage(experiment)
         if args.update_readme:
             report.check_readme(readme_path())  # markers present: before hours of training, not after
         if not args.report_only:
+            check_ray_version()
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
             if args.resume:
                 check_resume_matches(cfg, experiment)
             elif (experiment / SAVED_CONFIG).exists():
                 raise ConfigError(f"a sweep already exists at {experiment}: pass --resume to continue it, "
                                   "or --set name=<new name> / --storage DIR to start another")
-            if args.address is None:
+            if args.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray on this host
                 check_resources(cfg, local_resources())
-    except (ConfigError, MNISTDataError, report.ReportError) as exc:
+    except (ConfigError, MNISTDataError, RaySetupError, report.ReportError) as exc:
         return fail(str(exc))
 
     extra: dict[str, Any] = {}
@@ -332,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
             extra = run_sweep(cfg, args, experiment, stop)
-        except ConfigError as exc:
+        except (ConfigError, RaySetupError) as exc:
             return fail(str(exc))
         if stop.received is not None:
             mark_stopped(experiment, cfg.trials())

@@ -3,6 +3,10 @@
 A checkpoint is one ``torch.save`` file holding everything a trial needs to continue exactly where it
 stopped: ``model``, ``optimizer``, ``scheduler`` state dicts, ``epoch`` (epochs completed), ``rng`` states,
 ``history`` (per-epoch metrics) and ``config`` (the ``TrainConfig`` as a dict, checked on resume).
+
+Only tensors, numbers, strings, lists and dicts: every load uses ``torch.load(weights_only=True)``, which
+unpickles nothing else, so a checkpoint on shared storage cannot run code when it is read. A file that needs
+more is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ def write_json(obj: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), data)
 
 
+def _reason(exc: Exception) -> str:
+    """The informative line of a load error (torch's weights_only errors are paragraphs)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL " in ln or "Unsupported" in ln]
+    text = (named or lines or [""])[0]
+    return text.replace("WeightsUnpickler error: ", "").split(" was not an allowed")[0][:160]
+
+
 def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Read ``folder/checkpoint.pt``; None if there is none.
 
@@ -52,10 +64,16 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
+        if "GLOBAL " in str(exc):  # weights_only refused a class or function: loading it could run code
+            raise CheckpointError(
+                f"{path}: refused: it holds more than tensors and plain data ({_reason(exc)}), and loading "
+                "that could run code; apot never writes such checkpoints: delete it, and keep storage "
+                "writable only by people you trust"
+            ) from None
         raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {_reason(exc)}); "
             "delete it to start the trial afresh"
         ) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):

@@ -73,8 +73,13 @@ class QuantConv2d(nn.Conv2d):
             return super().forward(x)
         # Only the (padded) tables go in: the level sets' shapes differ per bit width, the tables' do not.
         x = quantize_activation(x, self.act_alpha, None, self.act_table)
-        w = quantize_weight(self.weight, self.weight_alpha, None, self.weight_table, self.config.ws_grad)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight ``forward`` convolves with: alpha_w * P_w(clip(w' / alpha_w, -1, 1)) (``apot.export``
+        encodes exactly this tensor)."""
+        return quantize_weight(self.weight, self.weight_alpha, None, self.weight_table, self.config.ws_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bit={self.config.bit}, power={self.config.power}"

@@ -66,7 +66,7 @@ README_END = "<!-- apot:results:end -->"
 CSV_COLUMNS = (
     "arch", "bit", "quantizer", "seed", "state", "final_test_acc", "best_test_acc", "best_epoch",
     "final_train_acc", "epochs_done", "epochs", "wall_time_s", "batch_size", "lr", "weight_decay",
-    "schedule", "error",
+    "schedule", "size_kb", "compression", "error",
 )
 ACCURACY_NOTE = "Accuracy: final-epoch top-1 on the 10k MNIST test split"
 NO_NUMBER = "—"
@@ -359,7 +359,8 @@ def _csv_value(value: Any) -> Any:
 
 
 def csv_text(records: list[dict[str, Any]]) -> str:
-    """results.csv: one row per record, columns ``CSV_COLUMNS``; absent values are empty."""
+    """results.csv: one row per record, columns ``CSV_COLUMNS``; absent values are empty (``size_kb``: the
+    packed size of the trial's export in KB, ``compression``: FP32 size / packed size; see apot.export)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -10,6 +10,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it)
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
+    exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
     compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
     stopping                               present while a signal stops the sweep (tune_sweep.py)
@@ -41,6 +42,38 @@ def record_path(experiment: Path, point: dict[str, Any]) -> Path:
     return Path(experiment) / "records" / f"{trial_name(point)}.json"
 
 
+def checkpoint_dir_name(epoch: int) -> str:
+    """The folder of epoch ``epoch``'s checkpoint in ``train/<trial>/``."""
+    return f"checkpoint_epoch{epoch:03d}"
+
+
+def export_path(experiment: Path, point: dict[str, Any]) -> Path:
+    return Path(experiment) / "exports" / f"{trial_name(point)}.pt"
+
+
+def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any]) -> dict[str, Any]:
+    """Export a finished trial's final checkpoint ``state`` to ``exports/<trial>.pt``; the record's export
+    fields (``export``: the path relative to the experiment, ``size_kb``, ``compression``).
+
+    Never raises: a failure is returned as ``export_error`` (one line), so the trial's result stands.
+    """
+    from apot.checkpoint import CHECKPOINT_FILE
+    from apot.export import export_state, write_export
+
+    path = export_path(experiment, point)
+    try:
+        epoch = int(state["epoch"])
+        checkpoint = Path(experiment) / "train" / trial_name(point) / checkpoint_dir_name(epoch)
+        source = {"checkpoint": str((checkpoint / CHECKPOINT_FILE).resolve()), "epoch": epoch,
+                  "test_acc": state["history"][-1]["test_acc"] if state["history"] else None}
+        export = export_state(state, source)
+        write_export(export, path)
+    except Exception as exc:
+        return {"export": None, "export_error": _one_line(exc)}
+    return {"export": str(path.relative_to(experiment)), "size_kb": export["size"]["size_kb"],
+            "compression": export["size"]["compression"]}
+
+
 def read_record(path: Path) -> dict[str, Any] | None:
     """A trial record, or None when absent or unreadable (a record is always rewritten atomically)."""
     try:
@@ -70,14 +103,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(Path(folder), asdict(cfg))
     startup_s = time.time() - loop_config["driver_started_at"]
+    trained: list[int] = []  # the epochs this attempt trained (not those it resumed with)
 
-    def write_record(history: list[dict[str, Any]], state: str) -> None:
+    def write_record(history: list[dict[str, Any]], state: str, **extra: Any) -> None:
         record = summarize(cfg, history)
         resumed_from = resume["epoch"] if resume else None
-        record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from)
+        record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from,
+                      epochs_trained=list(trained), **extra)
         write_json(record, record_file)
 
+    final: dict[str, Any] = {"state": resume}  # the latest checkpoint state (rank 0)
+
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        trained.append(metrics["epoch"])
         if rank != 0:  # every rank reports (a barrier); only rank 0 carries the checkpoint
             ray.train.report(metrics)
             return
@@ -86,14 +124,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(  # returns once the checkpoint is persisted in the trial's storage
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint_epoch{metrics['epoch']:03d}",
+                checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]),
             )
+        final["state"] = state
         write_record(state["history"], "RUNNING")  # after: a record never claims an epoch not checkpointed
 
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device(),
                        compile_cache=loop_config.get("compile_cache"))
     if rank == 0:
         write_record(result["history"], result["state"])
+        if result["state"] == "TERMINATED" and final["state"] is not None:  # the result is safe; now export
+            point = {k: getattr(cfg, k) for k in GRID_KEYS}
+            exported = export_trial(final["state"], Path(loop_config["experiment_path"]), point)
+            write_record(result["history"], result["state"], **exported)
 
 
 # ---------------------------------------------------------------------------------------- Tune trainable
@@ -123,6 +166,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
+                           "experiment_path": str(experiment),
                            "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
         scaling_config=ray.train.ScalingConfig(
             num_workers=run["workers_per_trial"],

@@ -155,10 +155,42 @@ def test_uniform_table_rows_and_delta() -> None:
 def test_failed_and_missing_never_show_numbers() -> None:
     md = markdown_tables(RECORDS, PROVENANCE, expected=EXPECTED)
     assert "12.34" not in md  # the partial numbers every unfinished record carries
-    for row in table(md, "### APoT") + table(md, "### Uniform"):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        if cells[3] in ("failed", "missing", "running"):
-            assert cells[-1] in (cells[3], "—")
+    unfinished = []
+    for heading, width in (("### APoT", 4), ("### Uniform", 5)):
+        for row in table(md, heading):
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert len(cells) == width, row
+            if cells[3] in ("failed", "missing", "running"):
+                unfinished.append((heading, cells[1], cells[3]))
+                assert width == 4 or cells[4] == "—", row  # no delta against a trial with no result
+    assert sorted(unfinished) == [("### Uniform", "2-bit", "failed"), ("### Uniform", "3-bit", "running"),
+                                  ("### Uniform", "5-bit", "missing")]
+    # an APoT partner that failed gives its uniform row no delta either
+    pair = [rec("resnet18", 4, True, 0, None, state="ERROR"), rec("resnet18", 4, False, 0, 99.3)]
+    md = markdown_tables(pair, PROVENANCE)
+    hyper = "batch128_lr0.01_wd0.0001_25epoch"
+    assert table(md, "### APoT") == [f"| ResNet-18 | 4-bit | {hyper} | failed |"]
+    assert table(md, "### Uniform") == [f"| ResNet-18 | 4-bit | {hyper} | 99.30 | — |"]
+
+
+def test_final_epoch_never_best_and_delta_from_the_shown_numbers() -> None:
+    late_drop = rec("resnet18", 4, True, 0, 99.21)  # its best epoch (17) beats its last (25)
+    late_drop.update(best_test_acc=99.48, best_epoch=17, history=[
+        {"epoch": 17, "epochs": 25, "test_acc": 99.48}, {"epoch": 25, "epochs": 25, "test_acc": 99.21}])
+    records = [late_drop, rec("resnet18", 4, False, 0, 99.30),
+               # shown 99.00 and 99.13: the delta of the shown numbers is +0.13, of the raw ones +0.12
+               rec("resnet34", 4, True, 0, 99.004), rec("resnet34", 4, False, 0, 99.126)]
+    md = markdown_tables(records, PROVENANCE)
+    assert table(md, "### APoT") == ["| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.21 |",
+                                     "| ResNet-34 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.00 |"]
+    assert table(md, "### Uniform") == [
+        "| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.30 | +0.09 |",  # best would give -0.18
+        "| ResNet-34 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.13 | +0.13 |",  # raw would give +0.12
+    ]
+    assert "99.48" not in md
+    first = next(csv.DictReader(report.csv_text(records).splitlines()))
+    assert (float(first["final_test_acc"]), float(first["best_test_acc"]), first["best_epoch"]) == \
+        (99.21, 99.48, "17")  # the best epoch is kept in the CSV, never used in the tables
 
 
 def test_without_expected_there_is_no_missing_row() -> None:
@@ -224,7 +256,7 @@ def test_csv_rows(written: dict[str, Path]) -> None:
     assert report.CSV_COLUMNS == (
         "arch", "bit", "quantizer", "seed", "state", "final_test_acc", "best_test_acc", "best_epoch",
         "final_train_acc", "epochs_done", "epochs", "wall_time_s", "batch_size", "lr", "weight_decay",
-        "schedule", "error")
+        "schedule", "size_kb", "compression", "error")
     assert len(rows) == len(RECORDS)
     for row, r in zip(rows, RECORDS, strict=True):
         assert row["arch"] == r["arch"] and int(row["bit"]) == r["bit"] and int(row["seed"]) == r["seed"]

@@ -9,13 +9,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from apot.train import TrainConfig, make_scheduler, run_trial
+from apot.data import DeviceMNIST
+from apot.models import create_model
+from apot.train import DistInfo, TrainConfig, evaluate, make_scheduler, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(arch="resnet10", bit=4, width=8, batch_size=64)
@@ -81,12 +85,16 @@ def test_kill_and_resume_equals_uninterrupted(synthetic_mnist_root: Path, tmp_pa
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert load_checkpoint(killed)["epoch"] in (1, 2)
+    done = load_checkpoint(killed)["epoch"]
+    assert done in (1, 2)
     assert not (killed / "result.json").exists()
 
     resumed = subprocess.run(_train_cmd(synthetic_mnist_root, killed, 3), check=True, env=_env(),
                              capture_output=True, text=True)
-    assert "resuming" in resumed.stdout
+    assert f"resuming {killed / CHECKPOINT_FILE} after epoch {done}" in resumed.stdout
+    # what the resumed process trained: only the epochs after the checkpoint (a line per trained epoch)
+    trained = [ln.split()[1] for ln in resumed.stdout.splitlines() if ln.startswith("epoch ")]
+    assert trained == [f"{e}/3" for e in range(done + 1, 4)], resumed.stdout
 
     a, b = load_checkpoint(full), load_checkpoint(killed)
     assert a["epoch"] == b["epoch"] == 3
@@ -96,17 +104,58 @@ def test_kill_and_resume_equals_uninterrupted(synthetic_mnist_root: Path, tmp_pa
     assert json.loads((killed / "result.json").read_text())["final_test_acc"] == a["history"][-1]["test_acc"]
 
 
-def test_resume_refuses_a_checkpoint_of_another_trial(synthetic_mnist_root: Path, tmp_path: Path) -> None:
+def test_resume_refuses_another_trials_checkpoint_and_one_that_needs_more(synthetic_mnist_root: Path,
+                                                                         tmp_path: Path) -> None:
     cfg = TrainConfig(**SMALL, epochs=1, data_dir=str(synthetic_mnist_root), device="cpu")
     state = {}
     run_trial(cfg, on_epoch=lambda m, s: state.update(s))
-    save_checkpoint(state, tmp_path)
+    path = save_checkpoint(state, tmp_path)
+    loaded = torch.load(path, weights_only=True)  # tensors and plain data only
+    assert loaded["epoch"] == 1 and torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
     other = {**state["config"], "bit": 2}
     with pytest.raises(CheckpointError, match=r"another trial: bit=4 \(this run: 2\)"):
         load_checkpoint(tmp_path, other)
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint"):
         load_checkpoint(tmp_path, state["config"])
+
+    # The same checkpoint with the RNG state as numpy pickles it (what apot used to write): refused.
+    torch.save({**state, "rng": {**state["rng"], "numpy": np.random.get_state()}}, path)
+    with pytest.raises(CheckpointError, match=r"refused: it holds more than tensors and plain data "
+                                              r"\(Unsupported global: .*numpy") as info:
+        load_checkpoint(tmp_path, asdict(cfg))
+    assert "\n" not in str(info.value)
+
+    # A planted file whose unpickling would run a command: refused, and the command never runs.
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "rng": _RunsCode(f"touch {marker}")}, path)
+    with pytest.raises(CheckpointError, match=r"refused: .*GLOBAL (posix|os)\.system"):
+        load_checkpoint(tmp_path, asdict(cfg))
+    assert not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # unpickling calls os.system(command)
+        return (os.system, (self.command,))
+
+
+def test_resumed_rng_continues_the_same_streams(tmp_path: Path) -> None:
+    import random
+
+    from apot.train import _rng_state, _set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    save_checkpoint({"rng": _rng_state()}, tmp_path)
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    _set_rng_state(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["rng"])
+    again = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
@@ -122,13 +171,24 @@ DDP_SCRIPT = textwrap.dedent("""
     from apot.train import TrainConfig, run_trial
     cfg = TrainConfig(arch="resnet10", bit=3, width=8, batch_size=64, epochs=2, data_dir=sys.argv[1],
                       device="cpu")
+    from apot.data import DeviceMNIST
+    scored = []  # test images this rank scored, per evaluation (the real batches, counted on the way)
+    test_batches = DeviceMNIST.test_batches
+    def counting(self, *args, **kwargs):
+        n = 0
+        for x, y in test_batches(self, *args, **kwargs):
+            n += y.numel()
+            yield x, y
+        scored.append(n)
+    DeviceMNIST.test_batches = counting
     seen = []
     def on_epoch(metrics, state):
         seen.append(metrics)
         on_epoch.model = {k: v.clone() for k, v in state["model"].items()}
     result = run_trial(cfg, on_epoch=on_epoch)
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.save({"model": on_epoch.model, "metrics": seen, "world": world}, f"{sys.argv[2]}/rank{rank}.pt")
+    torch.save({"model": on_epoch.model, "metrics": seen, "world": world, "scored": scored},
+               f"{sys.argv[2]}/rank{rank}.pt")
     dist.destroy_process_group()
 """)
 
@@ -139,14 +199,21 @@ def test_ddp_two_gloo_ranks_agree(synthetic_mnist_root: Path, tmp_path: Path) ->
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*torchrun, str(script), str(synthetic_mnist_root), str(tmp_path)], check=True, env=_env(),
                    capture_output=True, timeout=240, cwd=REPO)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     for key, tensor in r0["model"].items():
         assert torch.equal(tensor, r1["model"][key]), key
     timing = ("images_per_s", "epoch_s")  # each rank times itself; everything else is all-reduced
     assert [{k: v for k, v in m.items() if k not in timing} for m in r0["metrics"]] == \
         [{k: v for k, v in m.items() if k not in timing} for m in r1["metrics"]]
-    # every test image counted once across the two ranks: accuracy is a multiple of 100/256
-    n_test = 256
-    for m in r0["metrics"]:
-        assert round(m["test_acc"] * n_test / 100, 6).is_integer()
+    # Each evaluation split the 256 test images between the ranks (none scored twice, none skipped)...
+    assert [a + b for a, b in zip(r0["scored"], r1["scored"], strict=True)] == [256, 256]
+    assert r0["scored"] == r1["scored"] == [128, 128]
+    # ...and the all-reduced numbers are those of the whole split: one process scoring all 256 images with
+    # the final model gets the same accuracy (a rank reporting only its shard would not).
+    model = create_model("resnet10", 3, power=True, width=8)
+    model.load_state_dict(r0["model"])
+    data = DeviceMNIST.from_root(synthetic_mnist_root, device=torch.device("cpu"))
+    loss, acc = evaluate(model, data, DistInfo())
+    assert acc == r0["metrics"][-1]["test_acc"]
+    assert loss == pytest.approx(r0["metrics"][-1]["test_loss"], rel=1e-5)

@@ -40,7 +40,7 @@ def test_dry_run_prints_the_resolved_sweep_and_starts_no_ray(synthetic_mnist_roo
     assert len(cfg.trials()) == 18  # 2 archs x (FP32 + 4 bits x 2 quantizers)
     assert f"trials: 18, {check_resources(cfg, local_resources())} at a time" in out
     trial_lines = [line for line in out.splitlines() if line.startswith("  resnet")]
-    assert len(trial_lines) == 16 and "resnet50_b2_uniform_s0" in trial_lines[-1]
+    assert len(trial_lines) == 18 and "resnet50_b2_uniform_s0" in trial_lines[-1]
     device = "cuda" if res.gpus_per_worker else "cpu"
     expected = f"ranks 1  CPU 1  GPU {res.gpus_per_worker:g}  {device}  step "
     assert all(expected in line for line in trial_lines)

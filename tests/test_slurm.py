@@ -478,6 +478,9 @@ def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float)
             # its node is killed by Slurm ("Job credential revoked").
             left = wait_until_gone(f"SLURM_JOB_ID={job}", timeout_s=120)
             assert not left, f"the last run of job {job} left processes behind: {left}"
+            # Slurm revokes the old run's credential with a 1-second timestamp: a run it starts within the
+            # same second as the requeue is killed ("Job credential revoked", seen in slurmctld.log).
+            time.sleep(3)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
             nudged.add(fields["Restarts"])
         time.sleep(0.5)

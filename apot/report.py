@@ -374,6 +374,25 @@ def csv_text(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _seeds_text(provenance: dict[str, Any]) -> str:
+    """``seeds 0, 1, 2`` from the provenance (one seed or a list), or ``""`` when it names none."""
+    seeds = provenance.get("seeds")
+    if not seeds:
+        return ""
+    seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+    return f"seeds {', '.join(str(s) for s in seeds)}"
+
+
+def _suptitle(fig: Figure, title: str, provenance: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Set a PNG's title: ``title``, then the run's date and, for a quick run, a second line saying so."""
+    if provenance.get("date"):
+        title += f", {provenance['date']}"
+    quick = quick_marker(provenance, records)
+    if quick:
+        title += "\n" + quick.strip("()").replace("quick run", "QUICK RUN", 1)
+    fig.suptitle(title, fontsize=10)
+
+
 def plot_accuracy_vs_bits(
     records: list[dict[str, Any]], provenance: dict[str, Any], expected: list[dict[str, Any]] | None = None
 ) -> bytes:
@@ -409,19 +428,12 @@ def plot_accuracy_vs_bits(
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
-    seeds = provenance.get("seeds")
     title = "APoT vs uniform quantization on MNIST"
     if provenance.get("epochs") is not None:
         title += f" — {provenance['epochs']} epochs"
-    if seeds:
-        seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
-        title += f", seeds {', '.join(str(s) for s in seeds)}"
-    if provenance.get("date"):
-        title += f", {provenance['date']}"
-    quick = quick_marker(provenance, records)
-    if quick:
-        title += "\n" + quick.strip("()").replace("quick run", "QUICK RUN", 1)
-    fig.suptitle(title, fontsize=10)
+    if _seeds_text(provenance):
+        title += f", {_seeds_text(provenance)}"
+    _suptitle(fig, title, provenance, records)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
@@ -498,16 +510,9 @@ def learning_curves_figure(records: list[dict[str, Any]], provenance: dict[str, 
         fig.legend([handles[k] for k in keys], [_curve_label(-k[1], not k[0]) for k in keys],
                    loc="outside right center", fontsize=8)
     title = "Test accuracy per epoch"
-    seeds = provenance.get("seeds")
-    if seeds:
-        seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
-        title += f" — seeds {', '.join(str(s) for s in seeds)}"
-    if provenance.get("date"):
-        title += f", {provenance['date']}"
-    quick = quick_marker(provenance, records)
-    if quick:
-        title += "\n" + quick.strip("()").replace("quick run", "QUICK RUN", 1)
-    fig.suptitle(title, fontsize=10)
+    if _seeds_text(provenance):
+        title += f" — {_seeds_text(provenance)}"
+    _suptitle(fig, title, provenance, records)
     return fig
 
 

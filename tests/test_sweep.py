@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import apot
-from apot.config import trial_name
+from apot.config import grid_point, trial_name
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = ("APOT_TEST_SECRET", "tok-5e1c9a7f3b")  # in every sweep's environment; must never reach a file
@@ -602,15 +602,15 @@ def test_ray_tools_and_load_results_agree_with_results_csv(finished_sweep: Path)
 
     analysis = ExperimentAnalysis(str(finished_sweep))
     df = analysis.dataframe()
-    ray_acc = {(r["config/arch"], r["config/bit"], r["config/power"], r["config/seed"]): r["test_acc"]
-               for _, r in df.iterrows()}
+    keys = [f"config/point/{k}" for k in ("arch", "bit", "power", "seed")]  # Tune flattens the trial's point
+    ray_acc = {tuple(r[k] for k in keys): r["test_acc"] for _, r in df.iterrows()}
     assert ray_acc == csv_acc
     for trial in analysis.trials:  # per epoch: Ray's progress.csv equals the trial record's history
-        config = trial.config
-        record = json.loads((finished_sweep / "records" / f"{trial_name(config)}.json").read_text())
+        name = trial_name(grid_point(trial.config))
+        record = json.loads((finished_sweep / "records" / f"{name}.json").read_text())
         curve = analysis.trial_dataframes[trial.trial_id]
         assert curve["test_acc"].tolist() == [h["test_acc"] for h in record["history"]]
-        assert list((finished_sweep / trial_name(config)).glob("events.out.tfevents.*"))  # for TensorBoard
+        assert list((finished_sweep / name).glob("events.out.tfevents.*"))  # for TensorBoard
 
     ours = load_results(finished_sweep)
     assert {(r.arch, r.bit, r.quantizer == "apot", r.seed): r.final_test_acc

@@ -214,6 +214,19 @@ def _keep_within(t: torch.Tensor, u: torch.Tensor, low: float, high: float) -> t
     return torch.ops.aten.hardtanh_backward(t, u, low * (1 + eps), high * (1 + eps))
 
 
+def _project_and_save(ctx, u: torch.Tensor, alpha: torch.Tensor, level_set, table, *saved) -> torch.Tensor:
+    """The quantizers' common forward: ``alpha * P(u)``, saving ``(u, P(u), *saved)`` and alpha's shape."""
+    q = nearest_level(u, level_set, table)
+    ctx.save_for_backward(u, q, *saved)
+    ctx.alpha_shape = alpha.shape
+    return q * alpha
+
+
+def _alpha_grad(ctx, g: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """dL/dalpha = sum g * slope, in alpha's shape."""
+    return torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+
+
 class WeightQuantFn(torch.autograd.Function):
     """Weight quantizer: standardise, then project, with the paper's calibrated (unclipped) gradient.
 
@@ -229,11 +242,8 @@ class WeightQuantFn(torch.autograd.Function):
         centred = w - w.mean()
         flat = centred.reshape(-1)
         std = (torch.dot(flat, flat) / (flat.numel() - 1)).sqrt()  # two-pass; faster than torch.std on CPU
-        u = centred.div_(std * alpha)  # w' / alpha
-        q = nearest_level(u, level_set, table)  # the levels span [-1, 1], so P(u) == P(clip(u))
-        ctx.save_for_backward(u, q, std)
-        ctx.alpha_shape = alpha.shape
-        return q * alpha
+        u = centred.div_(std * alpha)  # w' / alpha; the levels span [-1, 1], so P(u) == P(clip(u))
+        return _project_and_save(ctx, u, alpha, level_set, table, std)
 
     @staticmethod
     def backward(ctx, g):
@@ -243,7 +253,7 @@ class WeightQuantFn(torch.autograd.Function):
             grad_w = g / std
         if ctx.needs_input_grad[1]:
             slope = q - _keep_within(u, u, -1.0, 1.0)  # q == sign(u) where |u| > 1
-            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+            grad_alpha = _alpha_grad(ctx, g, slope)
         return grad_w, grad_alpha, None, None
 
 
@@ -258,11 +268,8 @@ class ActQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, level_set, table):
-        u = x / alpha
-        q = nearest_level(u, level_set, table)  # the levels span [0, 1], so P(u) == P(min(u, 1))
-        ctx.save_for_backward(u, q)
-        ctx.alpha_shape = alpha.shape
-        return q * alpha
+        # the levels span [0, 1], so P(u) == P(min(u, 1))
+        return _project_and_save(ctx, x / alpha, alpha, level_set, table)
 
     @staticmethod
     def backward(ctx, g):
@@ -272,7 +279,7 @@ class ActQuantFn(torch.autograd.Function):
             grad_x = _keep_within(g, u, float("-inf"), 1.0)
         if ctx.needs_input_grad[1]:
             slope = q - _keep_within(u, u, float("-inf"), 1.0)  # q == 1 where u > 1
-            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+            grad_alpha = _alpha_grad(ctx, g, slope)
         return grad_x, grad_alpha, None, None
 
 
@@ -286,11 +293,7 @@ class StandardisedWeightQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ws, alpha, level_set, table):
-        u = ws / alpha
-        q = nearest_level(u, level_set, table)
-        ctx.save_for_backward(u, q)
-        ctx.alpha_shape = alpha.shape
-        return q * alpha
+        return _project_and_save(ctx, ws / alpha, alpha, level_set, table)
 
     @staticmethod
     def backward(ctx, g):
@@ -298,7 +301,7 @@ class StandardisedWeightQuantFn(torch.autograd.Function):
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             slope = q - _keep_within(u, u, -1.0, 1.0)
-            grad_alpha = torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+            grad_alpha = _alpha_grad(ctx, g, slope)
         return g, grad_alpha, None, None
 
 

@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config"
 # scheduled run is a different trial: the LR schedule depends on epochs). data_dir and device may change.
 IDENTITY_KEYS = ("arch", "bit", "power", "seed", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "schedule", "width", "train_subset", "act_alpha_init", "weight_alpha_init", "alpha_lr",
-                 "alpha_weight_decay", "ws_grad", "label_smoothing", "preset")
+                 "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "preset")
 
 
 class CheckpointError(RuntimeError):
@@ -54,15 +54,9 @@ def _reason(exc: Exception) -> str:
     return text.replace("WeightsUnpickler error: ", "").split(" was not an allowed")[0][:160]
 
 
-def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Read ``folder/checkpoint.pt``; None if there is none.
-
-    Raises ``CheckpointError`` (one line: the file and what is wrong) when the file is unreadable, lacks a
-    key, or was written for a different trial than ``config`` (compared on ``IDENTITY_KEYS``).
-    """
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.exists():
-        return None
+def _read_state(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of an apot checkpoint file; ``CheckpointError`` (one line) if it is
+    unreadable, holds more than plain data, or lacks a required key."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
@@ -79,6 +73,19 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"{path}: not an apot checkpoint (missing {', '.join(missing)}); delete it")
+    return state
+
+
+def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Read ``folder/checkpoint.pt``; None if there is none.
+
+    Raises ``CheckpointError`` (one line: the file and what is wrong) when the file is unreadable, lacks a
+    key, or was written for a different trial than ``config`` (compared on ``IDENTITY_KEYS``).
+    """
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    state = _read_state(path)
     if config is not None:
         saved = state["config"]
         diff = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})"
@@ -89,3 +96,26 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
                 "use another output folder or delete the checkpoint"
             )
     return state
+
+
+def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, Any]:
+    """The model state dict of the checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that
+    a trial of ``arch`` / ``width`` starts from (``TrainConfig.init_from``).
+
+    Raises ``CheckpointError`` (one line) if there is no such file, it is unreadable, or it was trained
+    for another arch or width. Any bit width and quantizer is accepted: the clipping thresholds (``*_alpha``)
+    are not weights and are initialised afresh by the trial.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"init_from: {source}: no such checkpoint (give a checkpoint.pt or the folder "
+                              "that holds one, e.g. the --out of a full-precision python -m apot.train run)")
+    state = _read_state(path)
+    saved = state["config"]
+    diff = [f"{k}={saved.get(k)!r} (this run: {want!r})"
+            for k, want in (("arch", arch), ("width", width)) if saved.get(k) != want]
+    if diff:
+        raise CheckpointError(f"init_from: {path} was trained for another model: {', '.join(diff)}")
+    return state["model"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from apot.recipe import PRESETS, SCHEDULES, TrainConfig, train_defaults
+from apot.recipe import INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig, train_defaults
 
 __all__ = [
     "DEFAULTS",
@@ -158,13 +158,17 @@ class SweepConfig:
         """Every grid point ``{"arch", "bit", "power", "seed"}``: arch, then bit, power, seed, as listed.
 
         Bit 32 (full precision, the FP32 ceiling) has no quantizer, so it is one trial per arch x seed, with
-        the first listed ``power`` (the tables show it in both the APoT and the uniform table)."""
+        the first listed ``power`` (the tables show it in both the APoT and the uniform table). With
+        ``train.init_from: fp32`` the FP32 points come first (the quantized trials start from them)."""
         g = self.grid
-        return [
+        points = [
             {"arch": a, "bit": b, "power": p, "seed": s}
             for a in g["arch"] for b in g["bit"]
             for p in (g["power"][:1] if b == FP32_BIT else g["power"]) for s in g["seed"]
         ]
+        if self.train.get("init_from") == INIT_FROM_FP32:  # FP32 trials first: Tune starts trials in order,
+            points.sort(key=lambda p: p["bit"] != FP32_BIT)  # so a quantized one only waits on a started one
+        return points
 
     def trial_name(self, point: Mapping[str, Any]) -> str:
         """See the module-level `trial_name`."""
@@ -429,6 +433,10 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
         value = out[key]
         if value is not None and value not in ("calibrate", "mse"):
             out[key] = float(c.number(f"train.{key}", value))
+    if train["init_from"] is not None:  # a path would be one checkpoint for every arch: apot.train takes it
+        c.choice("train.init_from", train["init_from"], (INIT_FROM_FP32, None),
+                 "how a sweep's trials start (null: from scratch; fp32: from the FP32 trial of their arch and "
+                 "seed; a checkpoint path is for python -m apot.train)")
     out["width"] = c.integer("train.width", train["width"], 1)
     subset = c.integer("train.train_subset", train["train_subset"], 1, nullable=True)
     if subset is not None and subset > MNIST_TRAIN_SIZE:
@@ -527,6 +535,9 @@ def load_config(
     workers = resources.workers_per_trial
     train = _validate_train(c, config["train"], AUTO_WORKERS_PER_TRIAL if workers == AUTO else workers)
     grid = _validate_grid(c, config["grid"], _supported_archs(), _supported_bits())
+    if train["init_from"] is not None and FP32_BIT not in grid["bit"]:
+        raise c.fail("train.init_from", f"{INIT_FROM_FP32!r} starts each quantized trial from its arch and "
+                                        f"seed's FP32 trial, so grid.bit must include {FP32_BIT}")
     return SweepConfig(
         name=name,
         storage=_path(c, "storage", config["storage"]),

@@ -19,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "PRESETS", "SCHEDULES", "TrainConfig"]
+__all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "INIT_FROM_FP32", "PRESETS", "SCHEDULES", "TrainConfig"]
 
 SCHEDULES = ("cosine", "step", "constant")
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
+INIT_FROM_FP32 = "fp32"
+"""``init_from`` keyword of a sweep: start from the same arch and seed's full-precision trial."""
 ALPHA_INIT_MSE = "mse"
 """``weight_alpha_init`` keyword: MSE-optimal per layer for its standardised weight (``apot.calibrate``)."""
 
@@ -66,6 +68,11 @@ class TrainConfig:
         ws_grad: differentiate through the weight standardisation's mean and std (the reference's MNIST
             code); False treats them as constants.
         label_smoothing: of the training cross-entropy (the test loss is always plain).
+        init_from: progressive initialisation (the reference's ``--pretrained`` / ``--init``): an apot
+            checkpoint (``checkpoint.pt`` or its folder) of the same arch and width, any bit width, whose
+            weights and BN statistics start this trial; the alphas are then initialised from those weights
+            as ``act_alpha_init`` / ``weight_alpha_init`` say. In a sweep, ``fp32`` starts each quantized
+            trial from the same arch and seed's full-precision trial of that sweep. None: from scratch.
         preset: the name in ``PRESETS`` these values started from (a label; see `from_preset`).
         compile: how the training step runs (`apot.step`): ``auto``, ``eager``, ``compile`` or ``cudagraph``.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -89,6 +96,7 @@ class TrainConfig:
     alpha_weight_decay: float | None = None
     ws_grad: bool = False
     label_smoothing: float = 0.0
+    init_from: str | None = None
     preset: str = "default"
     compile: str = "auto"
     data_dir: str = "./data"
@@ -122,6 +130,9 @@ class TrainConfig:
         if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
                 or not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing: {self.label_smoothing!r} must be a number in [0, 1)")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError(f"init_from: {self.init_from!r} must be a checkpoint path, {INIT_FROM_FP32!r} "
+                             "(in a sweep) or null")
         if self.preset not in PRESETS:
             raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
         from apot.step import STEP_MODES  # lazily: it imports torch

@@ -110,7 +110,9 @@ def precision_cell(bit: int) -> str:
 
 
 def hyper_params_cell(config: dict[str, Any]) -> str:
-    """The seed's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``.
+    """The seed's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
+    ``_fp32init`` for a quantized trial that started from its FP32 trial's weights (``init_from: fp32``;
+    those weights had their own epochs), or ``_init`` from another checkpoint.
 
     Args:
         config: the trial's TrainConfig as a dict (``batch_size``, ``lr``, ``weight_decay``, ``epochs``);
@@ -122,7 +124,11 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
             return "?"
         return str(value) if isinstance(value, int) else f"{value:g}"
 
-    return f"batch{num('batch_size')}_lr{num('lr')}_wd{num('weight_decay')}_{num('epochs')}epoch"
+    cell = f"batch{num('batch_size')}_lr{num('lr')}_wd{num('weight_decay')}_{num('epochs')}epoch"
+    init_from = config.get("init_from")
+    if init_from is None or config.get("bit") == 32:
+        return cell
+    return cell + ("_fp32init" if init_from == "fp32" else "_init")
 
 
 def _is_number(value: Any) -> bool:

@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
-from apot.config import GRID_KEYS, grid_point, trial_name
+from apot.checkpoint import CHECKPOINT_FILE
+from apot.config import FP32_BIT, GRID_KEYS, grid_point, trial_name
+from apot.recipe import INIT_FROM_FP32
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
+INIT_POLL_S = 5.0  # how often a trial with init_from: fp32 looks for its FP32 trial's result
 COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
 # Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
 # its placement group) was stopped, it did not fail.
@@ -57,7 +60,6 @@ def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any])
 
     Never raises: a failure is returned as ``export_error`` (one line), so the trial's result stands.
     """
-    from apot.checkpoint import CHECKPOINT_FILE
     from apot.export import export_state, write_export
 
     path = export_path(experiment, point)
@@ -72,6 +74,34 @@ def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any])
         return {"export": None, "export_error": _one_line(exc)}
     return {"export": str(path.relative_to(experiment)), "size_kb": export["size"]["size_kb"],
             "compression": export["size"]["compression"]}
+
+
+def fp32_point(point: dict[str, Any]) -> dict[str, Any]:
+    """The FP32 grid point of ``point``'s arch and seed (``init_from: fp32`` starts from its weights)."""
+    return {**point, "bit": FP32_BIT}
+
+
+def wait_for_fp32_checkpoint(experiment: Path, point: dict[str, Any], cfg: TrainConfig,
+                             poll_s: float = INIT_POLL_S) -> Path:
+    """Block until ``point``'s FP32 trial has finished; the path of its final checkpoint.
+
+    Raises ``RuntimeError`` (one line) if that trial ended in ERROR or its final checkpoint is gone. The
+    sweep lists FP32 trials first (`SweepConfig.trials`), so the awaited trial has already started."""
+    source = fp32_point(point)
+    final = (Path(experiment) / "train" / trial_name(source) / checkpoint_dir_name(cfg.epochs)
+             / CHECKPOINT_FILE)
+    while True:
+        record = read_record(record_path(experiment, source))
+        state = record["state"] if record else None
+        if state == "TERMINATED":
+            if not final.is_file():
+                raise RuntimeError(f"init_from fp32: {trial_name(source)} finished but {final} is missing; "
+                                   "re-run that trial (delete its record) or set train.init_from: null")
+            return final
+        if state == "ERROR":
+            raise RuntimeError(f"init_from fp32: {trial_name(source)} failed, so {trial_name(point)} cannot "
+                               "start from it; see that trial's error")
+        time.sleep(poll_s)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -109,7 +139,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         record = summarize(cfg, history)
         resumed_from = resume["epoch"] if resume else None
         record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from,
-                      epochs_trained=list(trained), **extra)
+                      epochs_trained=list(trained), init_checkpoint=loop_config.get("init_checkpoint"),
+                      **extra)
         write_json(record, record_file)
 
     final: dict[str, Any] = {"state": resume}  # the latest checkpoint state (rank 0)
@@ -130,7 +161,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         write_record(state["history"], "RUNNING")  # after: a record never claims an epoch not checkpointed
 
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device(),
-                       compile_cache=loop_config.get("compile_cache"))
+                       compile_cache=loop_config.get("compile_cache"),
+                       init_checkpoint=loop_config.get("init_checkpoint"))
     if rank == 0:
         write_record(result["history"], result["state"])
         if result["state"] == "TERMINATED" and final["state"] is not None:  # the result is safe; now export
@@ -163,10 +195,13 @@ def trial_driver(config: dict[str, Any]) -> None:
         ray.tune.report(done["history"][-1])  # finished before a driver crash: never train twice
         return
 
+    init_checkpoint = None
+    if cfg.init_from == INIT_FROM_FP32 and cfg.bit != FP32_BIT:
+        init_checkpoint = str(wait_for_fp32_checkpoint(experiment, point, cfg))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
-                           "experiment_path": str(experiment),
+                           "experiment_path": str(experiment), "init_checkpoint": init_checkpoint,
                            "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
         scaling_config=ray.train.ScalingConfig(
             num_workers=run["workers_per_trial"],

@@ -29,10 +29,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from apot.calibrate import CALIBRATION_IMAGES, calibrate_act_alphas, init_weight_alphas
-from apot.checkpoint import RESULT_FILE, CheckpointError, load_checkpoint, save_checkpoint, write_json
+from apot.checkpoint import (
+    RESULT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_init_weights,
+    save_checkpoint,
+    write_json,
+)
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
 from apot.models import create_model
-from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE, PRESETS, SCHEDULES, TrainConfig
+from apot.quant import FULL_PRECISION
+from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE, INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig
 from apot.step import STEP_MODES, build_step, use_compile_cache
 
 __all__ = ["SCHEDULES", "TrainConfig", "init_alphas", "make_optimizer", "run_trial"]
@@ -114,6 +122,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
         wd = cfg.weight_decay if cfg.alpha_weight_decay is None else cfg.alpha_weight_decay
         groups.append({"params": alphas, "lr": cfg.alpha_lr, "weight_decay": wd})
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def start_from_checkpoint(model: nn.Module, cfg: TrainConfig, source: str | os.PathLike[str] | None = None,
+                          ) -> None:
+    """Load the weights and BN statistics of ``source`` (default ``cfg.init_from``) into a fresh ``model``:
+    progressive initialisation. Its clipping thresholds are skipped: `init_alphas` sets them afresh.
+
+    Raises ``CheckpointError`` (one line) for a missing, unreadable or mismatched checkpoint."""
+    source = source if source is not None else cfg.init_from
+    if source == INIT_FROM_FP32:
+        raise CheckpointError(f"init_from: {INIT_FROM_FP32!r} names a sweep's full-precision trial; outside a "
+                              "sweep give the checkpoint itself (e.g. the --out folder of a --bit 32 run)")
+    weights = {k: v for k, v in load_init_weights(source, cfg.arch, cfg.width).items()
+               if not k.endswith("_alpha")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_alpha")]
+    if missing or unexpected:
+        raise CheckpointError(f"init_from: {source}: its weights do not fit {cfg.arch} (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
@@ -213,6 +240,7 @@ def run_trial(
     resume_state: dict[str, Any] | None = None,
     device: torch.device | None = None,
     compile_cache: str | os.PathLike[str] | None = None,
+    init_checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` from scratch or from ``resume_state`` (a checkpoint dict) and return the trial result.
 
@@ -220,7 +248,8 @@ def run_trial(
     (references to the live tensors, not copies); by convention only rank 0 persists it. The result's
     ``final_test_acc`` is the last epoch's test accuracy: the tables' number, with no model selection on
     the test set. ``compile_cache``: a folder shared by the trials of a sweep for compiled graphs
-    (`apot.step.use_compile_cache`); unused by eager steps.
+    (`apot.step.use_compile_cache`); unused by eager steps. ``init_checkpoint``: the checkpoint a fresh
+    trial with ``cfg.init_from`` set starts from (the sweep resolves ``fp32`` to its FP32 trial's file).
     """
     kind = device.type if device is not None else resolve_device(cfg.device, DistInfo()).type
     info = init_distributed(kind)
@@ -248,6 +277,8 @@ def run_trial(
         history = list(resume_state["history"])
         start_epoch = int(resume_state["epoch"])
     else:
+        if cfg.init_from is not None and not (cfg.init_from == INIT_FROM_FP32 and cfg.bit == FULL_PRECISION):
+            start_from_checkpoint(model, cfg, init_checkpoint)  # (a sweep's FP32 trials start from scratch)
         init_alphas(model, cfg, data)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if info.distributed else model
@@ -386,6 +417,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ws-grad", action=argparse.BooleanOptionalAction,
                    help=f"gradient through the weight standardisation (default {d.ws_grad})")
     p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start the weights from this trusted apot checkpoint (file or folder), e.g. a --bit 32 "
+                        "run's --out (default: from scratch)")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", help=f"default {d.device}")
     p.add_argument("--compile", choices=STEP_MODES,
@@ -423,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume)
-    except (ValueError, MNISTDataError) as exc:  # bad input: one line, no traceback
+    except (ValueError, MNISTDataError, CheckpointError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -255,3 +255,93 @@ def test_tune_space_holds_each_point_once() -> None:
     assert len(names) == len(set(names)) == 27 and names.count("resnet18_fp32_s0") == 1
     old_style = {"arch": "resnet18", "bit": 4, "power": True, "seed": 0, "train": {}}  # sweeps made before
     assert grid_point(old_style) == {"arch": "resnet18", "bit": 4, "power": True, "seed": 0}
+
+
+# ------------------------------------------------------------------ progressive initialisation (init_from)
+def _fp32_checkpoint(folder: Path, root: Path) -> dict:
+    """Train a tiny FP32 model for one epoch and save its checkpoint in ``folder`` (as apot.train does)."""
+    from apot.checkpoint import save_checkpoint
+
+    cfg = TrainConfig(**{**SMALL, "bit": 32}, epochs=1, train_subset=256, data_dir=str(root), device="cpu")
+    states = []
+    run_trial(cfg, on_epoch=lambda m, s: states.append(s))
+    save_checkpoint(states[-1], folder)
+    return {k: v.clone() for k, v in states[-1]["model"].items()}
+
+
+def test_init_from_starts_from_the_checkpoint_weights_and_calibrates_alphas(
+        tmp_path: Path, synthetic_mnist_root: Path, one_thread: None) -> None:
+    fp32 = _fp32_checkpoint(tmp_path / "fp32", synthetic_mnist_root)
+    torch.manual_seed(0)
+    fresh = create_model("resnet10", 2, width=8).state_dict()
+    conv = "layer1.0.conv1.weight"
+    assert not torch.equal(fresh[conv], fp32[conv])  # else the test could not tell the two starts apart
+    # lr ~0: the weights stay where they started, so the epoch's state shows the start
+    cfg = TrainConfig(**SMALL, epochs=1, lr=1e-12, train_subset=256, init_from=str(tmp_path / "fp32"),
+                      data_dir=str(synthetic_mnist_root), device="cpu")
+    states = []
+    run_trial(cfg, on_epoch=lambda m, s: states.append(s))
+    start = states[-1]["model"]
+    for key, value in fp32.items():
+        if key.endswith(("weight", "bias")) and "bn" not in key and "downsample.1" not in key:
+            assert torch.allclose(start[key], value, atol=1e-6), key
+    # the alphas were initialised for these weights: per layer, MSE-optimal for the loaded conv weights
+    model = create_model("resnet10", 2, width=8)
+    model.load_state_dict(start)
+    layers = quant_layers(model)
+    expected = create_model("resnet10", 2, width=8)
+    expected.load_state_dict({k: v for k, v in fp32.items()}, strict=False)
+    init_weight_alphas(expected, None)
+    assert [float(m.weight_alpha.detach()) for m in layers] == pytest.approx(
+        [float(m.weight_alpha.detach()) for m in quant_layers(expected)], abs=1e-6)
+    assert len({round(float(m.act_alpha), 4) for m in layers}) > 1  # calibrated per layer
+    assert states[-1]["config"]["init_from"] == str(tmp_path / "fp32")
+
+
+def test_init_from_bad_checkpoints_fail_in_one_line(tmp_path: Path, synthetic_mnist_root: Path,
+                                                    one_thread: None, capsys: pytest.CaptureFixture) -> None:
+    from apot.checkpoint import CheckpointError
+    from apot.train import main
+
+    _fp32_checkpoint(tmp_path / "fp32", synthetic_mnist_root)
+    base = dict(SMALL, epochs=1, train_subset=64, data_dir=str(synthetic_mnist_root), device="cpu")
+    cases = [
+        (dict(base, init_from=str(tmp_path / "nowhere")), r"init_from: .*nowhere: no such checkpoint"),
+        (dict(base, init_from=str(tmp_path / "fp32"), arch="resnet18"),
+         r"init_from: .*checkpoint.pt was trained for another model: arch='resnet10' \(this run: 'resnet18'\)"),
+        (dict(base, init_from=str(tmp_path / "fp32"), width=16), r"another model: width=8 \(this run: 16\)"),
+        (dict(base, init_from="fp32"), r"init_from: 'fp32' names a sweep's full-precision trial"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(CheckpointError, match=message) as info:
+            run_trial(TrainConfig(**kwargs))
+        assert "\n" not in str(info.value)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code = main(["--arch", "resnet10", "--width", "8", "--bit", "2", "--epochs", "1", "--train-subset", "64",
+                 "--data-dir", str(synthetic_mnist_root), "--init-from", str(tmp_path / "junk"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.fullmatch(r"error: .*junk/checkpoint.pt: cannot read checkpoint .*\n", err)
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # nothing trained
+
+
+def test_init_from_in_a_sweep_is_fp32_or_null_and_puts_fp32_trials_first() -> None:
+    cfg = load_config(SHIPPED, overrides=["train.init_from=fp32", "grid.arch=[resnet18,resnet34]"])
+    order = [(t["arch"], t["bit"]) for t in cfg.trials()]
+    assert order[:2] == [("resnet18", 32), ("resnet34", 32)] and all(b != 32 for _, b in order[2:])
+    assert len(order) == 2 * (1 + 4 * 2)
+    assert [t["bit"] for t in load_config(SHIPPED).trials()][:2] == [32, 5]  # unchanged without it
+    with pytest.raises(ConfigError, match=r"train.init_from: '/x/ckpt' is not how a sweep's trials start"):
+        load_config(SHIPPED, overrides=["train.init_from=/x/ckpt"])
+    with pytest.raises(ConfigError, match=r"train.init_from: 'fp32' starts .* grid.bit must include 32$"):
+        load_config(SHIPPED, overrides=["train.init_from=fp32", "grid.bit=[4,2]"])
+
+
+def test_hyper_params_cell_says_fp32init() -> None:
+    from apot.report import hyper_params_cell
+
+    config = {**train_defaults(), "bit": 2, "init_from": "fp32"}
+    assert hyper_params_cell(config) == "batch128_lr0.01_wd0.0001_25epoch_fp32init"
+    assert hyper_params_cell({**config, "bit": 32}) == "batch128_lr0.01_wd0.0001_25epoch"
+    assert hyper_params_cell({**config, "init_from": None}) == "batch128_lr0.01_wd0.0001_25epoch"

@@ -645,3 +645,48 @@ def test_installed_command_version() -> None:
     r = subprocess.run([str(_apot_sweep()), "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"apot-sweep {apot.__version__} (")
+
+
+def test_init_from_fp32_starts_quantized_trials_from_the_fp32_trial(synthetic_mnist_root: Path,
+                                                                    tmp_path: Path) -> None:
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[2,32]",
+                             "--set", "grid.power=[true]", "--set", "train.init_from=fp32"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    experiment = tmp_path / "apot_mnist"
+    fp32 = json.loads((experiment / "records" / "resnet10_fp32_s0.json").read_text())
+    b2 = json.loads((experiment / "records" / "resnet10_b2_apot_s0.json").read_text())
+    assert fp32["state"] == b2["state"] == "TERMINATED" and b2["epochs_trained"] == [1, 2]
+    assert fp32["init_checkpoint"] is None  # the FP32 trial itself starts from scratch
+    final = experiment / "train" / "resnet10_fp32_s0" / "checkpoint_epoch002" / "checkpoint.pt"
+    assert b2["init_checkpoint"] == str(final) and final.is_file()
+    apot_rows = rows((experiment / "tables.md").read_text(), "### APoT")
+    assert [r[:3] for r in apot_rows] == [["ResNet-10", "FP32", "batch64_lr0.01_wd0.0001_2epoch"],
+                                         ["ResNet-10", "2-bit", "batch64_lr0.01_wd0.0001_2epoch_fp32init"]]
+
+
+def test_waiting_for_the_fp32_trial(tmp_path: Path) -> None:
+    from apot.checkpoint import write_json
+    from apot.recipe import TrainConfig
+    from apot.sweep import record_path, wait_for_fp32_checkpoint
+
+    point = {"arch": "resnet10", "bit": 2, "power": True, "seed": 0}
+    cfg = TrainConfig(**point, epochs=3, init_from="fp32")
+    fp32_record = record_path(tmp_path, {**point, "bit": 32})
+    fp32_record.parent.mkdir(parents=True)
+    write_json({"state": "ERROR"}, fp32_record)
+    with pytest.raises(RuntimeError, match=r"resnet10_fp32_s0 failed, so resnet10_b2_apot_s0 cannot start"):
+        wait_for_fp32_checkpoint(tmp_path, point, cfg, poll_s=0.01)
+    write_json({"state": "TERMINATED"}, fp32_record)
+    with pytest.raises(RuntimeError, match=r"resnet10_fp32_s0 finished but .*checkpoint_epoch003.* is missing"):
+        wait_for_fp32_checkpoint(tmp_path, point, cfg, poll_s=0.01)
+    final = tmp_path / "train" / "resnet10_fp32_s0" / "checkpoint_epoch003" / "checkpoint.pt"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"x")
+    write_json({"state": "RUNNING"}, fp32_record)
+    import threading
+
+    finish = threading.Timer(0.3, lambda: write_json({"state": "TERMINATED"}, fp32_record))
+    finish.start()
+    started = time.monotonic()
+    assert wait_for_fp32_checkpoint(tmp_path, point, cfg, poll_s=0.02) == final
+    assert time.monotonic() - started >= 0.25  # it waited for the running trial to finish

@@ -27,8 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from apot.checkpoint import load_checkpoint, save_checkpoint, write_json
-from apot.checkpoint import CHECKPOINT_FILE
+from apot.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, write_json
 from apot.config import FP32_BIT, GRID_KEYS, grid_point, trial_name
 from apot.recipe import INIT_FROM_FP32
 from apot.train import TrainConfig, run_trial, summarize

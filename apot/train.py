@@ -132,8 +132,8 @@ def start_from_checkpoint(model: nn.Module, cfg: TrainConfig, source: str | os.P
     Raises ``CheckpointError`` (one line) for a missing, unreadable or mismatched checkpoint."""
     source = source if source is not None else cfg.init_from
     if source == INIT_FROM_FP32:
-        raise CheckpointError(f"init_from: {INIT_FROM_FP32!r} names a sweep's full-precision trial; outside a "
-                              "sweep give the checkpoint itself (e.g. the --out folder of a --bit 32 run)")
+        raise CheckpointError(f"init_from: {INIT_FROM_FP32!r} names a sweep's full-precision trial; "
+                              "outside a sweep give the checkpoint itself (e.g. the --out folder of a --bit 32 run)")
     weights = {k: v for k, v in load_init_weights(source, cfg.arch, cfg.width).items()
                if not k.endswith("_alpha")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -418,8 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"gradient through the weight standardisation (default {d.ws_grad})")
     p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
     p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start the weights from this trusted apot checkpoint (file or folder), e.g. a --bit 32 "
-                        "run's --out (default: from scratch)")
+                   help="start the weights from this trusted apot checkpoint (file or folder), e.g. a "
+                        "--bit 32 run's --out (default: from scratch)")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", help=f"default {d.device}")
     p.add_argument("--compile", choices=STEP_MODES,

@@ -308,7 +308,8 @@ def test_init_from_bad_checkpoints_fail_in_one_line(tmp_path: Path, synthetic_mn
     cases = [
         (dict(base, init_from=str(tmp_path / "nowhere")), r"init_from: .*nowhere: no such checkpoint"),
         (dict(base, init_from=str(tmp_path / "fp32"), arch="resnet18"),
-         r"init_from: .*checkpoint.pt was trained for another model: arch='resnet10' \(this run: 'resnet18'\)"),
+         r"init_from: .*checkpoint.pt was trained for another model: "
+         r"arch='resnet10' \(this run: 'resnet18'\)"),
         (dict(base, init_from=str(tmp_path / "fp32"), width=16), r"another model: width=8 \(this run: 16\)"),
         (dict(base, init_from="fp32"), r"init_from: 'fp32' names a sweep's full-precision trial"),
     ]

@@ -677,7 +677,7 @@ def test_waiting_for_the_fp32_trial(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"resnet10_fp32_s0 failed, so resnet10_b2_apot_s0 cannot start"):
         wait_for_fp32_checkpoint(tmp_path, point, cfg, poll_s=0.01)
     write_json({"state": "TERMINATED"}, fp32_record)
-    with pytest.raises(RuntimeError, match=r"resnet10_fp32_s0 finished but .*checkpoint_epoch003.* is missing"):
+    with pytest.raises(RuntimeError, match=r"fp32_s0 finished but .*checkpoint_epoch003.* is missing"):
         wait_for_fp32_checkpoint(tmp_path, point, cfg, poll_s=0.01)
     final = tmp_path / "train" / "resnet10_fp32_s0" / "checkpoint_epoch003" / "checkpoint.pt"
     final.parent.mkdir(parents=True)

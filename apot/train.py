@@ -133,7 +133,7 @@ def start_from_checkpoint(model: nn.Module, cfg: TrainConfig, source: str | os.P
     source = source if source is not None else cfg.init_from
     if source == INIT_FROM_FP32:
         raise CheckpointError(f"init_from: {INIT_FROM_FP32!r} names a sweep's full-precision trial; "
-                              "outside a sweep give the checkpoint itself (e.g. the --out folder of a --bit 32 run)")
+                              "outside a sweep give the checkpoint itself (e.g. the --out of a --bit 32 run)")
     weights = {k: v for k, v in load_init_weights(source, cfg.arch, cfg.width).items()
                if not k.endswith("_alpha")}
     missing, unexpected = model.load_state_dict(weights, strict=False)

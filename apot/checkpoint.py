@@ -25,8 +25,8 @@ REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config"
 # Keys of the config that define a trial; a resume with other values is refused (a longer or differently
 # scheduled run is a different trial: the LR schedule depends on epochs). data_dir and device may change.
 IDENTITY_KEYS = ("arch", "bit", "power", "seed", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                 "schedule", "width", "train_subset", "act_alpha_init", "weight_alpha_init", "alpha_lr",
-                 "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "preset")
+                 "schedule", "width", "train_subset", "augment", "act_alpha_init", "weight_alpha_init",
+                 "alpha_lr", "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "preset")
 
 
 class CheckpointError(RuntimeError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from apot.recipe import INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig, train_defaults
+from apot.recipe import AUGMENTS, INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig, train_defaults
 
 __all__ = [
     "DEFAULTS",
@@ -425,6 +425,7 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
     out.update(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum))
 
     c.choice("train.schedule", train["schedule"], SCHEDULES, "a learning-rate schedule")
+    c.choice("train.augment", train["augment"], AUGMENTS, "a training augmentation")
     from apot.step import STEP_MODES
 
     c.choice("train.compile", train["compile"], STEP_MODES, "a training-step mode")

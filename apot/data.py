@@ -5,8 +5,9 @@ when the plain file is absent). Files are read by our own IDX parser (`read_idx`
 header field and the file size, so a truncated or corrupt file fails with one message naming the file.
 
 Training reads batches from `DeviceMNIST`: each split lives once as a uint8 tensor on the training device;
-per batch it gathers the images, applies a random integer shift in [-2, 2] (zero fill, no flip) and
-normalises on the device. Every epoch's permutation is seeded by (seed, epoch) and identical on all ranks;
+per batch it gathers the images, applies the augmentation (``shift``: a random integer shift in [-2, 2],
+zero fill; ``affine``: a random rotation, scale and sub-pixel shift, bilinear; never a flip) and normalises
+on the device. Every epoch's permutation is seeded by (seed, epoch) and identical on all ranks;
 rank r takes its own slice, so ranks partition the epoch with equal step counts (DDP needs that).
 
 CLI::
@@ -43,6 +44,9 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "MAX_SHIFT",
+    "AUGMENTS",
+    "affine_images",
+    "random_affine",
     "NUM_CLASSES",
     "download_mnist",
     "load_split",
@@ -64,6 +68,11 @@ NUM_CLASSES = 10
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 MAX_SHIFT = 2
+AUGMENTS = ("shift", "affine", "none")
+"""Training augmentations of `DeviceMNIST.train_batches` (the test split is never augmented)."""
+AFFINE_ROTATION_DEG = 10.0  # ``affine``: rotation uniform in [-10, 10] degrees,
+AFFINE_SCALE = 0.1  # scale uniform in [0.9, 1.1],
+AFFINE_SHIFT_PX = 2.0  # shift uniform in [-2, 2] pixels per axis
 
 TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -407,6 +416,30 @@ def shift_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int = MA
     return padded[batch, rows.unsqueeze(2), cols.unsqueeze(1)]
 
 
+def random_affine(n: int, generator: torch.Generator, rotation_deg: float = AFFINE_ROTATION_DEG,
+                  scale: float = AFFINE_SCALE, shift_px: float = AFFINE_SHIFT_PX) -> torch.Tensor:
+    """(n, 2, 3) float32 ``F.affine_grid`` matrices (output -> input coordinates, in [-1, 1] units): a
+    rotation by r ~ U(-rotation_deg, rotation_deg), a zoom s ~ U(1 - scale, 1 + scale) and a shift
+    t ~ U(-shift_px, shift_px) pixels per axis of the image content, drawn from ``generator`` (CPU)."""
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64) * 2 - 1  # U(-1, 1)
+    angle = u[:, 0] * math.radians(rotation_deg)
+    zoom = 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    shift = u[:, 2:] * (2 * shift_px / IMAGE_SIZE)  # pixels -> normalised units
+    rows = (torch.stack([cos, -sin, -shift[:, 0]], 1), torch.stack([sin, cos, -shift[:, 1]], 1))
+    theta = torch.stack(rows, 1)
+    return theta.to(torch.float32)
+
+
+def affine_images(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 28, 28) warped by ``theta`` (B, 2, 3) (bilinear, zero fill) -> normalised float32
+    (B, 1, 28, 28), as `normalize` would return for the warped image."""
+    x = images.unsqueeze(1).to(torch.float32)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD)
+
+
 def _seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from non-negative ints (SeedSequence), the same on every host."""
     if any(p < 0 for p in parts):
@@ -435,6 +468,8 @@ class DeviceMNIST:
         device: where the splits live and batches are produced.
         train_subset: use only the first N training images (quick runs); None uses all.
         max_shift: random shift range [-max_shift, max_shift] per axis in `train_batches`; 0 disables.
+        augment: the training augmentation (`AUGMENTS`): ``shift`` (by ``max_shift``), ``affine``
+            (`random_affine`) or ``none``.
     """
 
     def __init__(
@@ -446,7 +481,11 @@ class DeviceMNIST:
         device: str | torch.device = "cpu",
         train_subset: int | None = None,
         max_shift: int = MAX_SHIFT,
+        augment: str = "shift",
     ) -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"DeviceMNIST: augment {augment!r} is not one of {', '.join(AUGMENTS)}")
+        self.augment = augment
         splits = (("train", train_images, train_labels), ("test", test_images, test_labels))
         for name, images, labels in splits:
             shape = tuple(images.shape)
@@ -492,11 +531,13 @@ class DeviceMNIST:
         download: bool = False,
         train_subset: int | None = None,
         max_shift: int = MAX_SHIFT,
+        augment: str = "shift",
     ) -> DeviceMNIST:
         """Load both splits with `load_split` (MNISTDataError if missing/invalid), move them to `device`."""
         train = load_split(root, train=True, download=download)
         test = load_split(root, train=False, download=download)
-        return cls(*train, *test, device=device, train_subset=train_subset, max_shift=max_shift)
+        return cls(*train, *test, device=device, train_subset=train_subset, max_shift=max_shift,
+                   augment=augment)
 
     @property
     def num_train(self) -> int:
@@ -547,14 +588,19 @@ class DeviceMNIST:
                 (exact resume). Any epoch numbering works if it is used consistently (e.g. 0-based).
             rank, world_size: this process's DDP rank and the number of ranks (1 without DDP).
             batch_size: the per-rank batch size.
-            augment: random shift in [-max_shift, max_shift] (zero fill, never a flip) when True.
+            augment: apply the dataset's augmentation (``self.augment``; never a flip) when True.
         """
         indices = self.train_indices(epoch, seed, rank, world_size, batch_size).to(self.device)
-        if not augment or self.max_shift == 0:
+        if not augment or self.augment == "none" or (self.augment == "shift" and self.max_shift == 0):
             for idx in indices:
                 yield normalize(self.train_images[idx]), self.train_labels[idx]
             return
         gen = _generator(seed, epoch, rank, _AUGMENT_STREAM)
+        if self.augment == "affine":
+            thetas = random_affine(indices.numel(), gen).view(*indices.shape, 2, 3).to(self.device)
+            for step, idx in enumerate(indices):
+                yield affine_images(self.train_images[idx], thetas[step]), self.train_labels[idx]
+            return
         shifts = torch.randint(-self.max_shift, self.max_shift + 1, (*indices.shape, 2), generator=gen)
         # out[b, y, x] = padded[idx[b], y + max_shift - dy[b], x + max_shift - dx[b]] (see shift_images),
         # with the row/column indices of the whole epoch computed once.

@@ -19,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "INIT_FROM_FP32", "PRESETS", "SCHEDULES", "TrainConfig"]
+__all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32", "PRESETS", "SCHEDULES",
+           "TrainConfig"]
 
 SCHEDULES = ("cosine", "step", "constant")
+AUGMENTS = ("shift", "affine", "none")  # apot.data.AUGMENTS (not imported: it imports torch)
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
 INIT_FROM_FP32 = "fp32"
@@ -39,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ws_grad": True,
         "label_smoothing": 0.0,
         "schedule": "constant",
+        "augment": "shift",
     },
 }
 
@@ -60,6 +63,9 @@ class TrainConfig:
         schedule: ``cosine`` (lr * (1 + cos(pi * e / E)) / 2 per epoch e of E), ``step`` (x0.1 at 50% and
             75% of the epochs) or ``constant``; it scales every parameter group alike.
         train_subset: train on the first N training images (quick runs); the test split is always all 10k.
+        augment: of the training images (`apot.data.DeviceMNIST`): ``shift`` (random integer shift in
+            [-2, 2] px), ``affine`` (random rotation in [-10, 10] degrees, zoom in [0.9, 1.1] and shift in
+            [-2, 2] px, bilinear) or ``none``; never a flip (a flipped digit is another glyph).
         act_alpha_init: ``calibrate`` (MSE-optimal per layer on a batch of training images) or a number,
             every activation alpha's start.
         weight_alpha_init: ``mse`` (MSE-optimal per layer for its standardised weight) or a number.
@@ -90,6 +96,7 @@ class TrainConfig:
     schedule: str = "step"
     width: int = 16
     train_subset: int | None = None
+    augment: str = "shift"
     act_alpha_init: float | str = ALPHA_INIT_CALIBRATE
     weight_alpha_init: float | str = ALPHA_INIT_MSE
     alpha_lr: float | None = None
@@ -105,6 +112,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment: {self.augment!r} is not one of {', '.join(AUGMENTS)}")
         if self.epochs < 1:
             raise ValueError(f"epochs: {self.epochs} must be >= 1")
         if self.lr <= 0:

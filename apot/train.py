@@ -40,7 +40,15 @@ from apot.checkpoint import (
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
 from apot.models import create_model
 from apot.quant import FULL_PRECISION
-from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE, INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig
+from apot.recipe import (
+    ALPHA_INIT_CALIBRATE,
+    ALPHA_INIT_MSE,
+    AUGMENTS,
+    INIT_FROM_FP32,
+    PRESETS,
+    SCHEDULES,
+    TrainConfig,
+)
 from apot.step import STEP_MODES, build_step, use_compile_cache
 
 __all__ = ["SCHEDULES", "TrainConfig", "init_alphas", "make_optimizer", "run_trial"]
@@ -263,7 +271,8 @@ def run_trial(
     per_rank_batch = cfg.batch_size // info.world_size
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    data = DeviceMNIST.from_root(cfg.data_dir, device=device, train_subset=cfg.train_subset)
+    data = DeviceMNIST.from_root(cfg.data_dir, device=device, train_subset=cfg.train_subset,
+                                 augment=cfg.augment)
     model = create_model(cfg.arch, cfg.bit, power=cfg.power, width=cfg.width, ws_grad=cfg.ws_grad).to(device)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
@@ -405,6 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=SCHEDULES, help=f"default {d.schedule}")
     p.add_argument("--width", type=int, help=f"default {d.width}")
     p.add_argument("--train-subset", type=int, help="first N training images (default all)")
+    p.add_argument("--augment", choices=AUGMENTS, help=f"training augmentation (default {d.augment})")
     p.add_argument("--act-alpha-init", type=_number_or(ALPHA_INIT_CALIBRATE),
                    help=f"'calibrate' or a number (default {d.act_alpha_init})")
     p.add_argument("--weight-alpha-init", type=_number_or(ALPHA_INIT_MSE),

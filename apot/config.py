@@ -435,7 +435,7 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
         if value is not None and value not in ("calibrate", "mse"):
             out[key] = float(c.number(f"train.{key}", value))
     if train["init_from"] is not None:  # a path would be one checkpoint for every arch: apot.train takes it
-        c.choice("train.init_from", train["init_from"], (INIT_FROM_FP32, None),
+        c.choice("train.init_from", train["init_from"], (INIT_FROM_FP32,),
                  "how a sweep's trials start (null: from scratch; fp32: from the FP32 trial of their "
                  "arch and seed; a checkpoint path is for python -m apot.train)")
     out["width"] = c.integer("train.width", train["width"], 1)

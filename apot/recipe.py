@@ -42,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "schedule": "constant",
         "augment": "shift",
+        "init_from": None,  # its MNIST README trains every bit width from scratch
     },
 }
 

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the trials, their resources and the concurrency; no Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[4,2]")
+                   help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[32,4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
                    help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
     args = p.parse_args(argv)

@@ -259,7 +259,7 @@ def _merge(target: dict[str, Any], updates: Mapping[str, Any], schema: Mapping[s
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
-    form = "expected KEY=VALUE with a dotted key, e.g. --set train.epochs=3 or --set grid.bit=[4,2]"
+    form = "expected KEY=VALUE with a dotted key, e.g. --set train.epochs=3 or --set grid.bit=[32,4,2]"
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not SET_KEY_PATTERN.match(key):
@@ -538,7 +538,8 @@ def load_config(
     grid = _validate_grid(c, config["grid"], _supported_archs(), _supported_bits())
     if train["init_from"] is not None and FP32_BIT not in grid["bit"]:
         raise c.fail("train.init_from", f"{INIT_FROM_FP32!r} starts each quantized trial from its arch and "
-                                        f"seed's FP32 trial, so grid.bit must include {FP32_BIT}")
+                                        f"seed's FP32 trial, so grid.bit must include {FP32_BIT} (or "
+                                        "--set train.init_from=null: from scratch)")
     return SweepConfig(
         name=name,
         storage=_path(c, "storage", config["storage"]),

@@ -282,6 +282,7 @@ def test_stop_leaves_no_ray_processes() -> None:
 def sweep_overrides(name: str) -> list[str]:
     """A tiny grid: 2 trials (APoT and uniform, 2 bits), 2 DDP ranks each, ranks on different nodes."""
     return ["--set", f"name={name}", "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[2]",
+            "--set", "train.init_from=null",
             "--set", "grid.power=[true,false]", "--set", "grid.seed=[0]", "--set", "train.epochs=1",
             "--set", "train.batch_size=64", "--set", "train.width=4",
             "--set", "resources.workers_per_trial=2", "--set", "resources.cpus_per_worker=1",

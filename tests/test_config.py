@@ -68,7 +68,7 @@ def test_train_config_builds_a_trainconfig() -> None:
     from apot.train import TrainConfig
 
     cfg = load_config(SHIPPED)
-    point = cfg.trials()[3]
+    point = next(p for p in cfg.trials() if (p["arch"], p["bit"], p["power"]) == ("resnet18", 4, True))
     tc = TrainConfig(**cfg.train_config(point))
     assert (tc.arch, tc.bit, tc.power, tc.seed, tc.epochs, tc.lr) == ("resnet18", 4, True, 0, 25, 0.01)
     assert tc.data_dir == cfg.data_dir
@@ -93,7 +93,8 @@ def test_quick_applies_its_section_only_with_the_flag() -> None:
 
 # ------------------------------------------------------------------------------------------ --set
 def test_set_overrides_nested_values_and_lists() -> None:
-    cfg = load_config(SHIPPED, overrides=["train.epochs=3", "grid.bit=[4,2]", "grid.arch=resnet18",
+    cfg = load_config(SHIPPED, overrides=["train.epochs=3", "grid.bit=[4,2]",
+                                          "train.init_from=null", "grid.arch=resnet18",
                                           "resources.workers_per_trial=1", "resources.gpus_per_worker=0.5",
                                           "train.train_subset=512", "name=other", "max_retries=0"])
     assert cfg.train["epochs"] == 3 and cfg.train["train_subset"] == 512
@@ -268,7 +269,7 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
     (("resources.workers_per_trial=2",), {"CPU": 16, "GPU": 0}, 8),
     (("resources.workers_per_trial=2",), {"CPU": 3.0}, 1),           # whole trials only
     (("resources.workers_per_trial=1",), {"CPU": 64}, 27),  # never more than the trials
-    (("grid.bit=[4]", "resources.workers_per_trial=1"), {"CPU": 64}, 6),
+    (("grid.bit=[4]", "train.init_from=null", "resources.workers_per_trial=1"), {"CPU": 64}, 6),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 16, "GPU": 1}, 4),
     (("resources.workers_per_trial=1", "resources.gpus_per_worker=0.25"), {"CPU": 3, "GPU": 1}, 3),
     (("resources.gpus_per_worker=1", "resources.workers_per_trial=2"), {"CPU": 16, "GPU": 4}, 2),

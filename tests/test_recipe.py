@@ -335,10 +335,12 @@ def test_init_from_in_a_sweep_is_fp32_or_null_and_puts_fp32_trials_first() -> No
     order = [(t["arch"], t["bit"]) for t in cfg.trials()]
     assert order[:2] == [("resnet18", 32), ("resnet34", 32)] and all(b != 32 for _, b in order[2:])
     assert len(order) == 2 * (1 + 4 * 2)
-    assert [t["bit"] for t in load_config(SHIPPED).trials()][:2] == [32, 5]  # unchanged without it
+    scratch = load_config(SHIPPED, overrides=["train.init_from=null"]).trials()
+    assert [(t["arch"], t["bit"]) for t in scratch][:2] == [("resnet18", 32), ("resnet18", 5)]  # as listed
     with pytest.raises(ConfigError, match=r"train.init_from: '/x/ckpt' is not how a sweep's trials start"):
         load_config(SHIPPED, overrides=["train.init_from=/x/ckpt"])
-    with pytest.raises(ConfigError, match=r"train.init_from: 'fp32' starts .* grid.bit must include 32$"):
+    with pytest.raises(ConfigError, match=r"train.init_from: 'fp32' starts .* grid.bit must include 32 "
+                                          r"\(or --set train.init_from=null: from scratch\)$"):
         load_config(SHIPPED, overrides=["train.init_from=fp32", "grid.bit=[4,2]"])
 
 

@@ -506,6 +506,7 @@ def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path
     job = submit(slurm_env, out, "--data-dir", str(tiny_mnist), "--display", "plain",
                  "--set", "name=slurm_time_limit",
                  "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[2]", "--set", "grid.power=[true,false]",
+                 "--set", "train.init_from=null",
                  "--set", "grid.seed=[0]", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=64",
                  "--set", "train.width=4", "--set", "resources.workers_per_trial=1",
                  "--set", "resources.max_concurrent_trials=1", extra_env={"APOT_STORAGE": str(storage)},

@@ -23,7 +23,9 @@ from apot.config import grid_point, trial_name
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = ("APOT_TEST_SECRET", "tok-5e1c9a7f3b")  # in every sweep's environment; must never reach a file
-TINY = ["--set", "grid.arch=[resnet10]", "--set", "grid.bit=[4,2]", "--set", "train.epochs=2",
+TINY = ["--set", "grid.arch=[resnet10]", "--set", "grid.bit=[4,2]",
+        "--set", "train.init_from=null",  # no FP32 trial in this grid: every trial from scratch
+        "--set", "train.epochs=2",
         "--set", "train.width=8", "--set", "train.batch_size=64", "--set", "max_retries=0"]
 
 

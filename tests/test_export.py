@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resnet_formula import quantized_conv_weights
 from torch import nn
 
 from apot import export as ex
@@ -20,8 +21,6 @@ from apot.quant import LEVEL_BITS, quantize_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STAGES = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3],
-          "resnet50": [3, 4, 6, 3]}
 WIDTH = 2  # the smallest width every arch builds with a std per conv (a 1x1 conv of width 1 has one weight)
 
 
@@ -80,34 +79,6 @@ def test_round_trip_gives_identical_logits(arch: str, bit: int, power: bool, tmp
 
 
 # ------------------------------------------------------------------------------------------ size
-def quantized_conv_weights(arch: str, width: int) -> tuple[int, int, int, int]:
-    """(weights of quantized convs, number of quantized convs, BatchNorm channels, fc input features), by
-    the architecture's formula (independent of apot.models)."""
-    bottleneck = arch == "resnet50"
-    expansion = 4 if bottleneck else 1
-    weights = convs = 0
-    bn = width  # stem BN
-    in_ch = width
-    for stage, blocks in enumerate(STAGES[arch]):
-        planes = width * 2**stage
-        out_ch = planes * expansion
-        for block in range(blocks):
-            if bottleneck:
-                weights += in_ch * planes + 9 * planes * planes + planes * out_ch
-                bn += planes + planes + out_ch
-                convs += 3
-            else:
-                weights += 9 * in_ch * planes + 9 * planes * planes
-                bn += 2 * planes
-                convs += 2
-            if block == 0 and (stage > 0 or in_ch != out_ch):
-                weights += in_ch * out_ch
-                bn += out_ch
-                convs += 1
-            in_ch = out_ch
-    return weights, convs, bn, in_ch
-
-
 def fit_int8(model: nn.Module) -> nn.Module:
     """Make max(w) the largest magnitude in the 8-bit layers, so their codes fit int8."""
     with torch.no_grad():

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from resnet_formula import STAGES, quantized_conv_weights
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.models import resnet as tv_resnet
@@ -17,12 +18,6 @@ from apot.models import create_model, list_models
 from apot.quant import SUPPORTED_BITS
 
 ARCHS = ["resnet10", "resnet18", "resnet34", "resnet50"]
-STAGES = {
-    "resnet10": [1, 1, 1, 1],
-    "resnet18": [2, 2, 2, 2],
-    "resnet34": [3, 4, 6, 3],
-    "resnet50": [3, 4, 6, 3],
-}
 QUANT_BITS = [b for b in SUPPORTED_BITS if b != 32]
 
 
@@ -31,28 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def expected_counts(arch: str, width: int, num_classes: int = 10) -> tuple[int, int]:
     """(parameters at full precision, number of quantized convs), counted from the architecture's formula."""
-    bottleneck = arch == "resnet50"
-    expansion = 4 if bottleneck else 1
-    params = 49 * width + 2 * width  # stem conv (1 input channel, 7x7) + BN
-    convs = 0
-    in_ch = width
-    for stage, blocks in enumerate(STAGES[arch]):
-        planes = width * 2**stage
-        out_ch = planes * expansion
-        for block in range(blocks):
-            if bottleneck:
-                params += in_ch * planes + 9 * planes * planes + planes * out_ch
-                params += 2 * (planes + planes + out_ch)  # three BNs
-                convs += 3
-            else:
-                params += 9 * in_ch * planes + 9 * planes * planes + 2 * (planes + planes)  # + two BNs
-                convs += 2
-            if block == 0 and (stage > 0 or in_ch != out_ch):  # 1x1 conv + BN shortcut
-                params += in_ch * out_ch + 2 * out_ch
-                convs += 1
-            in_ch = out_ch
-    params += in_ch * num_classes + num_classes
-    return params, convs
+    weights, convs, bn, fc_in = quantized_conv_weights(arch, width)
+    stem = 49 * width  # 1 input channel, 7x7
+    return stem + weights + 2 * bn + fc_in * num_classes + num_classes, convs  # BN: scale and shift
 
 
 def torchvision_twin(arch: str) -> nn.Module:

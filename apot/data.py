@@ -34,6 +34,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from apot.recipe import AUGMENTS  # the training augmentations (the test split is never augmented)
+
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DeviceMNIST",
@@ -68,8 +70,6 @@ NUM_CLASSES = 10
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 MAX_SHIFT = 2
-AUGMENTS = ("shift", "affine", "none")
-"""Training augmentations of `DeviceMNIST.train_batches` (the test split is never augmented)."""
 AFFINE_ROTATION_DEG = 10.0  # ``affine``: rotation uniform in [-10, 10] degrees,
 AFFINE_SCALE = 0.1  # scale uniform in [0.9, 1.1],
 AFFINE_SHIFT_PX = 2.0  # shift uniform in [-2, 2] pixels per axis

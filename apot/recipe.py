@@ -24,7 +24,8 @@ __all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32
            "TrainConfig"]
 
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENTS = ("shift", "affine", "none")  # apot.data.AUGMENTS (not imported: it imports torch)
+AUGMENTS = ("shift", "affine", "none")
+"""Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
 INIT_FROM_FP32 = "fp32"

@@ -293,7 +293,7 @@ def test_init_from_starts_from_the_checkpoint_weights_and_calibrates_alphas(
     model.load_state_dict(start)
     layers = quant_layers(model)
     expected = create_model("resnet10", 2, width=8)
-    expected.load_state_dict({k: v for k, v in fp32.items()}, strict=False)
+    expected.load_state_dict(fp32, strict=False)
     init_weight_alphas(expected, None)
     assert [float(m.weight_alpha.detach()) for m in layers] == pytest.approx(
         [float(m.weight_alpha.detach()) for m in quant_layers(expected)], abs=1e-6)

@@ -43,7 +43,14 @@ from apot.config import (
 )
 from apot.data import MNISTDataError, ensure_mnist
 from apot.ray_session import RaySetupError, check_ray_version, start_ray
-from apot.sweep import STOP_MARKER, collect_records, param_space, record_path, trial_driver
+from apot.sweep import (
+    STOP_MARKER,
+    collect_records,
+    param_space,
+    record_path,
+    trial_driver,
+    unreadable_tune_state,
+)
 
 SAVED_CONFIG = "sweep_config.json"
 DEFAULT_CONFIG = "search_space.yaml"
@@ -301,12 +308,14 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
     for record in collect_records(experiment, cfg.trials()):
         progress.mark_record(record)
 
+    tuner = None
     if args.resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(experiment, trainable)
+    if tuner is not None:
         # Tune pickles the RunConfig with the experiment; the display callback pickles to a no-op (it holds a
         # live console), so a restored sweep gets a fresh one. Tuner.restore has no callbacks argument.
         tuner._local_tuner.get_run_config().callbacks = [TuneDisplayCallback(progress)]
-    else:
+    else:  # a new sweep, or a resume without Tune's state: records and trial checkpoints carry the progress
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.trials(), train, run),
@@ -325,6 +334,28 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
         if stop.received is None:  # else stopped before the trials started
             tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
+
+
+def restore_tuner(experiment: Path, trainable: Any) -> Any:
+    """``Tuner.restore`` of the sweep at ``experiment``, or None when Tune's saved state cannot be read.
+
+    None sets the unreadable state file aside (``*.unreadable``, kept to look at) and says so in one line; the
+    caller then starts a fresh ``Tuner`` over the same grid, in which finished trials report their record and
+    unfinished ones continue from their own checkpoints (`apot.sweep.trial_driver`)."""
+    from ray import tune
+
+    broken = unreadable_tune_state(experiment)
+    if broken is None:
+        try:
+            return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        except Exception as exc:  # tuner.pkl cut short, say; the same way out as a broken state file
+            reason = f"Tuner.restore failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
+    else:
+        reason = f"{broken.name} is unreadable (the driver was killed while Tune saved it)"
+        broken.rename(broken.with_name(broken.name + ".unreadable"))
+    print(f"resume: {reason}; continuing without Tune's state: finished trials are kept (records/), "
+          "unfinished ones continue from their checkpoints", flush=True)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ Every name is deterministic, so a restarted trial's ``TorchTrainer`` finds its o
 
 Storage layout of one experiment (``<storage>/<name>``)::
 
-    <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it)
+    <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it; not needed: see
+                                           ``unreadable_tune_state``)
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
@@ -38,6 +39,7 @@ COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutog
 # Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
 # its placement group) was stopped, it did not fail.
 STOP_MARKER = "stopping"
+TUNE_STATE_GLOB = "experiment_state-*.json"  # Tune's TuneController.CKPT_FILE_TMPL
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:
@@ -101,6 +103,24 @@ def wait_for_fp32_checkpoint(experiment: Path, point: dict[str, Any], cfg: Train
             raise RuntimeError(f"init_from fp32: {trial_name(source)} failed, so {trial_name(point)} cannot "
                                "start from it; see that trial's error")
         time.sleep(poll_s)
+
+
+def unreadable_tune_state(experiment: Path) -> Path | None:
+    """Tune's newest experiment state file (the one ``Tuner.restore`` would read) if it does not parse as
+    JSON, else None (also when there is none).
+
+    A driver killed while Tune copies that file into storage leaves it empty or cut short; Ray then logs the
+    error and goes on with a broken trial list. The sweep does not need it: records say which trials are done
+    and each trial's Ray Train checkpoints carry its progress, so a fresh ``Tuner`` over the same grid resumes
+    every trial (`trial_driver`)."""
+    states = sorted(Path(experiment).glob(TUNE_STATE_GLOB))  # Ray restores max() by name (a timestamp)
+    if not states:
+        return None
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return states[-1]
+    return None
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

@@ -209,6 +209,33 @@ def test_resume_refuses_a_changed_grid(finished_sweep: Path, synthetic_mnist_roo
     assert (finished_sweep / "sweep_config.json").read_bytes() == before
 
 
+def test_resume_without_tunes_state_keeps_finished_trials(finished_sweep: Path, synthetic_mnist_root: Path,
+                                                           tmp_path: Path) -> None:
+    """A driver killed while Tune saved its state leaves experiment_state-*.json empty (seen under Slurm's
+    scancel). --resume must say so in one line, set the file aside and resume from records and checkpoints:
+    the finished trials untouched, an unfinished one continued from its last Ray Train checkpoint."""
+    experiment = tmp_path / finished_sweep.name
+    shutil.copytree(finished_sweep, experiment)
+    (state_file,) = experiment.glob("experiment_state-*.json")
+    state_file.write_text("")  # as the cancelled Slurm job left it
+    records = sorted((experiment / "records").glob("*.json"))
+    unfinished = records[0]
+    rec = json.loads(unfinished.read_text())
+    unfinished.write_text(json.dumps({**rec, "state": "RUNNING"}))  # its checkpoint_epoch002 is still there
+    finished = {p.name: p.read_bytes() for p in records[1:]}
+
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--resume"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resume: {state_file.name} is unreadable" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr and "Failed to restore" not in r.stdout + r.stderr
+    assert state_file.with_name(state_file.name + ".unreadable").read_text() == ""
+    assert {p.name: p.read_bytes() for p in records[1:]} == finished  # not trained again, not rewritten
+    rec = json.loads(unfinished.read_text())
+    assert rec["state"] == "TERMINATED" and rec["resumed_from_epoch"] == 2 and rec["epochs_trained"] == []
+    results = json.loads((experiment / "results.json").read_text())["records"]
+    assert len(results) == 4 and {r["state"] for r in results} == {"TERMINATED"}
+
+
 def registered_epochs(train_dir: Path) -> list[int]:
     """The checkpoint epochs Ray Train has registered for a trial (what a restarted trial resumes from)."""
     snapshot = train_dir / "checkpoint_manager_snapshot.json"

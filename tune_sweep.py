@@ -23,6 +23,7 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ from apot.sweep import (
 
 SAVED_CONFIG = "sweep_config.json"
 DEFAULT_CONFIG = "search_space.yaml"
-# What defines the trials: a resumed sweep must have the same; resources and retries may change.
-TRIAL_DEFINING_KEYS = ("grid", "train", "data_dir")
+# What defines every trial: a resumed sweep must have the same; its grid may grow (check_resume_matches);
+# resources and retries may change.
+TRIAL_DEFINING_KEYS = ("train", "data_dir")
 
 
 class _VersionAction(argparse.Action):
@@ -115,15 +117,18 @@ def fail(message: str) -> int:
     return 2
 
 
-def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
-    """Refuse to resume a sweep that is not there, or has a different grid or training setup."""
+def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, Any]]:
+    """Refuse to resume a sweep that is not there, or has a different training setup or a grid that lost
+    points; the grid points added since it was stored (``--resume`` may grow a grid: add uniform trials to
+    a finished APoT sweep, say), ``[]`` for the stored grid."""
     saved_file = experiment / SAVED_CONFIG
     if not saved_file.is_file():
         raise ConfigError(f"--resume: no sweep to resume at {experiment} (no {SAVED_CONFIG}); check "
                           "--storage and the config's name, or drop --resume to start a new sweep")
     try:
         saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
-    except (OSError, json.JSONDecodeError) as exc:
+        stored = replace(cfg, grid=saved["grid"]).trials() if saved.get("grid") != now["grid"] else None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read {saved_file} ({type(exc).__name__}: {exc})") from None
     for key in TRIAL_DEFINING_KEYS:
         if saved.get(key) != now.get(key):
@@ -132,6 +137,18 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> None:
                 f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
                 "or start a new sweep with --set name=<new name>"
             )
+    if stored is None:
+        return []
+    points = [grid_point({"point": p}) for p in cfg.trials()]
+    dropped = [trial_name(p) for p in stored if grid_point({"point": p}) not in points]
+    if dropped:
+        raise ConfigError(
+            f"--resume: the grid of the sweep stored at {experiment} may grow but not lose trials; this one "
+            f"drops {', '.join(dropped[:4])}{' ...' if len(dropped) > 4 else ''} "
+            f"(stored grid {saved['grid']}: keep its values, first in each list) "
+            "or start a new sweep with --set name=<new name>"
+        )
+    return [p for p in points if p not in [grid_point({"point": q}) for q in stored]]
 
 
 def check_storage(experiment: Path) -> None:
@@ -258,9 +275,11 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
-              stop: GracefulStop) -> dict[str, Any]:
-    """Start or join Ray, run (or resume) the Tuner with the live display, return timing provenance."""
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, stop: GracefulStop,
+              restore: bool) -> dict[str, Any]:
+    """Start or join Ray, run the Tuner with the live display, return timing provenance. ``restore``: resume
+    Tune's saved run (else a fresh Tuner, which still skips finished trials and resumes unfinished ones from
+    their checkpoints: how a grown grid, or a sweep whose Tune state is lost, resumes)."""
     t0 = time.time()
     session = start_ray(args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
                         configure_logging=True)
@@ -268,7 +287,7 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
     ray_init_s = time.time() - t0
     print(session.describe(), flush=True)
     try:
-        return _fit(cfg, args, experiment, ray_init_s, stop)
+        return _fit(cfg, args, experiment, ray_init_s, stop, restore)
     finally:  # the private cluster's logs are kept when a trial did not finish
         records = collect_records(experiment, cfg.trials())
         unfinished = sum(r["state"] != "TERMINATED" for r in records) + len(cfg.trials()) - len(records)
@@ -278,7 +297,7 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path,
 
 
 def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float,
-         stop: GracefulStop) -> dict[str, Any]:
+         stop: GracefulStop, restore: bool) -> dict[str, Any]:
     import ray
     from ray import tune
 
@@ -309,7 +328,7 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
         progress.mark_record(record)
 
     tuner = None
-    if args.resume and tune.Tuner.can_restore(str(experiment)):
+    if restore and tune.Tuner.can_restore(str(experiment)):
         tuner = restore_tuner(experiment, trainable)
     if tuner is not None:
         # Tune pickles the RunConfig with the experiment; the display callback pickles to a no-op (it holds a
@@ -363,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     stop = GracefulStop()
     stop.install()
+    added: list[dict[str, Any]] = []  # grid points a --resume adds to the stored sweep
     if args.default_config and not Path(DEFAULT_CONFIG).is_file():
         print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
@@ -381,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             check_ray_version()
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
             if args.resume:
-                check_resume_matches(cfg, experiment)
+                added = check_resume_matches(cfg, experiment)
+                if added:  # Tune's saved state holds the old grid: run_sweep starts a fresh Tuner
+                    names = ", ".join(trial_name(p) for p in added[:4]) + (" ..." if len(added) > 4 else "")
+                    print(f"resume: the grid grew by {len(added)} trials ({names}); finished trials are kept",
+                          flush=True)
             elif (experiment / SAVED_CONFIG).exists():
                 raise ConfigError(f"a sweep already exists at {experiment}: pass --resume to continue it, "
                                   "or --set name=<new name> / --storage DIR to start another")
@@ -397,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.marker.unlink(missing_ok=True)  # left by a stop of an earlier run of this sweep
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
-            extra = run_sweep(cfg, args, experiment, stop)
+            extra = run_sweep(cfg, args, experiment, stop, restore=args.resume and not added)
         except (ConfigError, RaySetupError) as exc:
             return fail(str(exc))
         if stop.received is not None:

@@ -201,12 +201,38 @@ def test_bad_storage_and_resume_paths_are_one_line(synthetic_mnist_root: Path, t
     assert not (tmp_path / "typo").exists()
 
 
-def test_resume_refuses_a_changed_grid(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
+def test_resume_refuses_a_grid_that_loses_trials(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
     before = (finished_sweep / "sweep_config.json").read_bytes()
     cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[4]", "--resume")
-    r = run_sweep(*cmd, timeout=120)
-    _one_line_error(r, r"--resume: grid differs from the sweep stored at")
+    _one_line_error(run_sweep(*cmd, timeout=120),
+                    r"--resume: the grid of the sweep stored at .* may grow but not lose trials; "
+                    r"this one drops resnet10_b2_apot_s0")
+    cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[4,2,3]",
+                    "--set", "train.epochs=3", "--resume")  # a grown grid, but another training setup
+    _one_line_error(run_sweep(*cmd, timeout=120), r"--resume: train differs from the sweep stored at")
     assert (finished_sweep / "sweep_config.json").read_bytes() == before
+
+
+def test_resume_with_a_grown_grid_trains_only_the_new_trials(finished_sweep: Path, synthetic_mnist_root: Path,
+                                                              tmp_path: Path) -> None:
+    """Add bit 3 (APoT and uniform) to the finished 2x2 sweep: the 4 finished trials are reported, not
+    trained again; the 2 new ones train; the stored config and the results now hold the grown grid."""
+    experiment = tmp_path / finished_sweep.name
+    shutil.copytree(finished_sweep, experiment)
+    records = {p.name: p.read_bytes() for p in (experiment / "records").glob("*.json")}
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[4,2,3]", "--resume"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resume: the grid grew by 2 trials (resnet10_b3_apot_s0, resnet10_b3_uniform_s0)" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    for name, data in records.items():
+        assert (experiment / "records" / name).read_bytes() == data, name  # not trained again
+    for name in ("resnet10_b3_apot_s0", "resnet10_b3_uniform_s0"):
+        rec = json.loads((experiment / "records" / f"{name}.json").read_text())
+        assert rec["state"] == "TERMINATED" and rec["epochs_trained"] == [1, 2], name
+    assert json.loads((experiment / "sweep_config.json").read_text())["grid"]["bit"] == [4, 2, 3]
+    results = json.loads((experiment / "results.json").read_text())["records"]
+    assert sorted((r["bit"], r["power"]) for r in results) == \
+        [(2, False), (2, True), (3, False), (3, True), (4, False), (4, True)]
 
 
 def test_resume_without_tunes_state_keeps_finished_trials(finished_sweep: Path, synthetic_mnist_root: Path,

@@ -26,7 +26,8 @@ REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config"
 # scheduled run is a different trial: the LR schedule depends on epochs). data_dir and device may change.
 IDENTITY_KEYS = ("arch", "bit", "power", "seed", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "schedule", "width", "train_subset", "augment", "act_alpha_init", "weight_alpha_init",
-                 "alpha_lr", "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "preset")
+                 "alpha_lr", "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "distill",
+                 "preset")
 
 
 class CheckpointError(RuntimeError):
@@ -99,8 +100,14 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
 
 
 def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, Any]:
-    """The model state dict of the checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that
-    a trial of ``arch`` / ``width`` starts from (``TrainConfig.init_from``).
+    """The model state dict of `load_init_state`."""
+    return load_init_state(source, arch, width)["model"]
+
+
+def load_init_state(source: str | Path, arch: str, width: int) -> dict[str, Any]:
+    """The checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that a trial of ``arch`` /
+    ``width`` starts from (``TrainConfig.init_from``), and distils from (``distill``): ``model`` and
+    ``config`` are what a trial uses of it.
 
     Raises ``CheckpointError`` (one line) if there is no such file, it is unreadable, or it was trained
     for another arch or width. Any bit width and quantizer is accepted: the clipping thresholds (``*_alpha``)
@@ -118,4 +125,4 @@ def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, An
             for k, want in (("arch", arch), ("width", width)) if saved.get(k) != want]
     if diff:
         raise CheckpointError(f"init_from: {path} was trained for another model: {', '.join(diff)}")
-    return state["model"]
+    return state

@@ -430,7 +430,8 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
 
     c.choice("train.compile", train["compile"], STEP_MODES, "a training-step mode")
     c.choice("train.preset", train["preset"], tuple(PRESETS), "a preset (apot.recipe.PRESETS)")
-    for key in ("alpha_lr", "alpha_weight_decay", "act_alpha_init", "weight_alpha_init", "label_smoothing"):
+    for key in ("alpha_lr", "alpha_weight_decay", "act_alpha_init", "weight_alpha_init", "label_smoothing",
+                "distill"):
         value = out[key]
         if value is not None and value not in ("calibrate", "mse"):
             out[key] = float(c.number(f"train.{key}", value))

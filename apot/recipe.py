@@ -45,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": "constant",
         "augment": "shift",
         "init_from": None,  # its MNIST README trains every bit width from scratch
+        "distill": 0.0,
     },
 }
 
@@ -82,6 +83,10 @@ class TrainConfig:
             weights and BN statistics start this trial; the alphas are then initialised from those weights
             as ``act_alpha_init`` / ``weight_alpha_init`` say. In a sweep, ``fp32`` starts each quantized
             trial from the same arch and seed's full-precision trial of that sweep. None: from scratch.
+        distill: knowledge distillation from the ``init_from`` checkpoint's model (the FP32 trial in a
+            sweep), frozen, as the teacher: the training loss is ``(1 - distill) * CE(s, y) +
+            distill * KL(softmax(t) || softmax(s))`` for student logits s and teacher logits t (temperature
+            1). 0: plain cross-entropy. A trial with no ``init_from`` source (an FP32 trial) ignores it.
         preset: the name in ``PRESETS`` these values started from (a label; see `from_preset`).
         compile: how the training step runs (`apot.step`): ``auto``, ``eager``, ``compile`` or ``cudagraph``.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -107,6 +112,7 @@ class TrainConfig:
     ws_grad: bool = False
     label_smoothing: float = 0.0
     init_from: str | None = None
+    distill: float = 0.0
     preset: str = "default"
     compile: str = "auto"
     data_dir: str = "./data"
@@ -145,6 +151,12 @@ class TrainConfig:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ValueError(f"init_from: {self.init_from!r} must be a checkpoint path, {INIT_FROM_FP32!r} "
                              "(in a sweep) or null")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) \
+                or not 0 <= self.distill <= 1:
+            raise ValueError(f"distill: {self.distill!r} must be a number in [0, 1]")
+        if self.distill and self.init_from is None:
+            raise ValueError(f"distill: {self.distill} needs a teacher, the init_from checkpoint's model: "
+                             f"set init_from ({INIT_FROM_FP32!r} in a sweep) or distill 0")
         if self.preset not in PRESETS:
             raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
         from apot.step import STEP_MODES  # lazily: it imports torch

@@ -112,7 +112,8 @@ def precision_cell(bit: int) -> str:
 def hyper_params_cell(config: dict[str, Any]) -> str:
     """The seed's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
     ``_fp32init`` for a quantized trial that started from its FP32 trial's weights (``init_from: fp32``;
-    those weights had their own epochs), or ``_init`` from another checkpoint.
+    those weights had their own epochs), or ``_init`` from another checkpoint; then ``_kd<weight>`` when it
+    also distilled from that model (``distill``).
 
     Args:
         config: the trial's TrainConfig as a dict (``batch_size``, ``lr``, ``weight_decay``, ``epochs``);
@@ -128,7 +129,8 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
     init_from = config.get("init_from")
     if init_from is None or config.get("bit") == 32:
         return cell
-    return cell + ("_fp32init" if init_from == "fp32" else "_init")
+    cell += "_fp32init" if init_from == "fp32" else "_init"
+    return cell + (f"_kd{config['distill']:g}" if config.get("distill") else "")
 
 
 def _is_number(value: Any) -> bool:

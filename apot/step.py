@@ -5,6 +5,9 @@ The loop in `apot.train` only ever calls ``loss, logits = step(x, y)``; how that
 
     logits = net(x);  loss = loss_fn(logits, y);  zero the grads;  loss.backward();  optimizer.step()
 
+With a ``teacher`` (knowledge distillation) the loss is ``loss_fn(logits, y, teacher(x))``, the teacher's
+forward inside the same step (compiled and captured with it), without gradients.
+
 and returns ``(loss, logits)`` detached. Modes (``TrainConfig.compile``):
 
     eager      plain PyTorch.
@@ -147,8 +150,9 @@ class TrainStep:
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, teacher: nn.Module | None = None) -> None:
         self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
+        self.teacher = teacher
         self.world_size = world_size
         self.setup_s = 0.0
         self.steps = 0
@@ -160,7 +164,11 @@ class TrainStep:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(x)
-        return self.loss_fn(logits, y), logits
+        if self.teacher is None:
+            return self.loss_fn(logits, y), logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return self.loss_fn(logits, y, teacher_logits), logits
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits = self.forward(x, y)
@@ -203,7 +211,9 @@ class TrainStep:
 
     def _graph_key(self, x: torch.Tensor) -> str:
         """What identifies the compiled graph: shapes of every parameter and buffer, the batch, the mode."""
-        shapes = [(n, tuple(t.shape)) for n, t in [*self.net.named_parameters(), *self.net.named_buffers()]]
+        modules = [self.net] if self.teacher is None else [self.net, self.teacher]
+        shapes = [[(n, tuple(t.shape)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+                  for m in modules]
         text = repr((shapes, tuple(x.shape), x.device.type, self.mode, COMPILE_BACKEND))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -226,7 +236,7 @@ class TrainStep:
 
 def build_step(
     net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *, mode: str = "auto",
-    device: torch.device, world_size: int = 1,
+    device: torch.device, world_size: int = 1, teacher: nn.Module | None = None,
 ) -> TrainStep:
     """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper).
 
@@ -234,9 +244,10 @@ def build_step(
         net: called as ``net(x)`` for the logits.
         optimizer: built by the caller (any parameter groups); only ``cudagraph`` changes it
             (`make_capturable`).
-        loss_fn: ``loss_fn(logits, y)`` -> scalar loss.
+        loss_fn: ``loss_fn(logits, y)`` -> scalar loss; ``loss_fn(logits, y, teacher_logits)`` with a teacher.
         mode: one of `STEP_MODES` (``auto`` resolves with `resolve_mode`).
         device, world_size: where the step runs and the number of DDP ranks.
+        teacher: a frozen model in eval mode whose logits the loss distils from, or None.
     """
     concrete = resolve_mode(mode, device, world_size)
     if concrete == "cudagraph":
@@ -248,4 +259,4 @@ def build_step(
         # x / alpha onto the levels, so a last-bit difference could move a value across a midpoint.
         if hasattr(inductor_config, "eager_numerics"):
             inductor_config.eager_numerics.division_rounding = True
-    return TrainStep(net, optimizer, loss_fn, concrete, world_size)
+    return TrainStep(net, optimizer, loss_fn, concrete, world_size, teacher)

@@ -351,3 +351,98 @@ def test_hyper_params_cell_says_fp32init() -> None:
     assert hyper_params_cell(config) == "batch128_lr0.01_wd0.0001_25epoch_fp32init"
     assert hyper_params_cell({**config, "bit": 32}) == "batch128_lr0.01_wd0.0001_25epoch"
     assert hyper_params_cell({**config, "init_from": None}) == "batch128_lr0.01_wd0.0001_25epoch"
+
+
+# ------------------------------------------------------------------ knowledge distillation (distill)
+def test_distillation_loss_is_its_formula() -> None:
+    from apot.train import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    p_t = torch.softmax(t, 1)
+    kl = float((p_t * (p_t.log() - torch.log_softmax(s, 1))).sum(1).mean())  # KL(teacher || student)
+    ce = float(nn.functional.cross_entropy(s, y))
+    for w in (0.0, 0.3, 1.0):
+        assert float(distillation_loss(w)(s, y, t)) == pytest.approx((1 - w) * ce + w * kl, rel=1e-5)
+    assert float(distillation_loss(1.0)(s, y, s)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distilling_step_learns_from_the_teacher_not_the_labels() -> None:
+    """Through `build_step`: with weight 1 the labels play no part, and a teacher equal to the student gives
+    no gradient at all; another teacher moves the weights."""
+    from apot.step import build_step
+    from apot.train import distillation_loss
+
+    def run(teacher_from_student: bool, labels: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = nn.Linear(12, 10)
+        teacher = nn.Linear(12, 10)
+        if teacher_from_student:
+            teacher.load_state_dict(net.state_dict())
+        teacher.eval().requires_grad_(False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        step = build_step(net, opt, distillation_loss(1.0), mode="eager", device=torch.device("cpu"),
+                          teacher=teacher)
+        x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            step(x, labels)
+        return net.weight.detach().clone()
+
+    torch.manual_seed(0)
+    start = nn.Linear(12, 10).weight.detach()
+    labels = torch.arange(32) % 10
+    assert torch.allclose(run(True, labels), start, atol=1e-6)  # KL(student || itself) = 0: no gradient
+    moved = run(False, labels)
+    assert not torch.allclose(moved, start)
+    assert torch.equal(run(False, labels.flip(0)), moved)  # labels ignored at weight 1
+
+
+def test_distill_resumes_exactly_with_its_teacher(tmp_path: Path, synthetic_mnist_root: Path,
+                                                  one_thread: None) -> None:
+    """2 epochs straight == 1 epoch, then resumed for the second: the teacher is loaded again on resume (a
+    resumed run without it would train on plain cross-entropy and end elsewhere)."""
+    _fp32_checkpoint(tmp_path / "fp32", synthetic_mnist_root)
+    base = dict(SMALL, train_subset=256, init_from=str(tmp_path / "fp32"), distill=0.5,
+                data_dir=str(synthetic_mnist_root), device="cpu")
+    straight: list[dict] = []
+    run_trial(TrainConfig(**base, epochs=2), on_epoch=lambda m, s: straight.append(
+        {k: v.clone() for k, v in s["model"].items()}))
+    states: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def keep_first(m: dict, s: dict) -> None:
+        import copy
+        states.append(copy.deepcopy(s))
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(TrainConfig(**base, epochs=2), on_epoch=keep_first)
+    resumed: list[dict] = []
+    result = run_trial(TrainConfig(**base, epochs=2), resume_state=states[0],
+                       on_epoch=lambda m, s: resumed.append({k: v.clone() for k, v in s["model"].items()}))
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert all(torch.equal(resumed[-1][k], straight[-1][k]) for k in straight[-1])
+    plain = dict(base, distill=0.0)
+    other: list[dict] = []
+    run_trial(TrainConfig(**plain, epochs=2), on_epoch=lambda m, s: other.append(s["model"]["fc.weight"]))
+    assert not torch.equal(other[-1], straight[-1]["fc.weight"])  # distill changed what was learned
+
+
+def test_distill_settings_are_validated_and_labelled() -> None:
+    from apot.report import hyper_params_cell
+
+    with pytest.raises(ValueError, match=r"^distill: 0.5 needs a teacher, the init_from checkpoint's model"):
+        TrainConfig(distill=0.5)
+    with pytest.raises(ValueError, match=r"^distill: 1.5 must be a number in \[0, 1\]$"):
+        TrainConfig(distill=1.5, init_from="x")
+    with pytest.raises(ConfigError, match=r"train.distill: .*needs a teacher") as info:
+        load_config(SHIPPED, overrides=["train.distill=0.5", "train.init_from=null"])
+    assert "\n" not in str(info.value)
+    assert load_config(SHIPPED, overrides=["train.distill=0.5"]).train["distill"] == 0.5
+    assert TrainConfig.from_preset("paper").distill == 0.0
+    config = {**train_defaults(), "bit": 2, "init_from": "fp32", "distill": 0.5}
+    assert hyper_params_cell(config) == "batch128_lr0.01_wd0.0001_25epoch_fp32init_kd0.5"
+    assert hyper_params_cell({**config, "bit": 32}) == "batch128_lr0.01_wd0.0001_25epoch"

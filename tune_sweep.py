@@ -44,6 +44,7 @@ from apot.config import (
 )
 from apot.data import MNISTDataError, ensure_mnist
 from apot.ray_session import RaySetupError, check_ray_version, start_ray
+from apot.recipe import with_added_settings
 from apot.sweep import (
     STOP_MARKER,
     collect_records,
@@ -127,6 +128,7 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, A
                           "--storage and the config's name, or drop --resume to start a new sweep")
     try:
         saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
+        saved["train"] = with_added_settings(saved["train"])  # a sweep stored before a setting existed
         stored = replace(cfg, grid=saved["grid"]).trials() if saved.get("grid") != now["grid"] else None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read {saved_file} ({type(exc).__name__}: {exc})") from None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from apot.atomic import atomic_write, atomic_write_bytes
+from apot.recipe import with_added_settings
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
@@ -88,7 +89,7 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
         return None
     state = _read_state(path)
     if config is not None:
-        saved = state["config"]
+        saved = with_added_settings(state["config"])
         diff = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})"
                 for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
         if diff:

@@ -183,6 +183,16 @@ class TrainConfig:
         return self.alpha_lr is not None
 
 
+# Settings added after sweeps and checkpoints were stored, each with the value that means what those did: a
+# stored config without the key is the same trial as one with this value (a resume never retrains it).
+ADDED_SETTINGS: dict[str, Any] = {"distill": 0.0}
+
+
+def with_added_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a stored trial config or a sweep's ``train:`` section) with `ADDED_SETTINGS` it lacks."""
+    return {**ADDED_SETTINGS, **config}
+
+
 # Keys that are not per-sweep training settings: the grid point's and the run's own.
 NOT_TRAIN_KEYS = ("arch", "bit", "power", "seed", "data_dir", "device")
 

@@ -446,3 +446,15 @@ def test_distill_settings_are_validated_and_labelled() -> None:
     config = {**train_defaults(), "bit": 2, "init_from": "fp32", "distill": 0.5}
     assert hyper_params_cell(config) == "batch128_lr0.01_wd0.0001_25epoch_fp32init_kd0.5"
     assert hyper_params_cell({**config, "bit": 32}) == "batch128_lr0.01_wd0.0001_25epoch"
+
+
+def test_a_checkpoint_from_before_distill_resumes_as_distill_0(tmp_path: Path) -> None:
+    """apot.recipe.ADDED_SETTINGS: a stored config without a later setting means that setting's old value."""
+    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    config = {k: v for k, v in TrainConfig(**SMALL).__dict__.items() if k != "distill"}
+    save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [], "rng": {},
+                     "config": config}, tmp_path)
+    assert load_checkpoint(tmp_path, {**config, "distill": 0.0})["epoch"] == 1
+    with pytest.raises(CheckpointError, match=r"belongs to another trial: distill=0.0 \(this run: 0.5\)"):
+        load_checkpoint(tmp_path, {**config, "distill": 0.5})

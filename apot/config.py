@@ -91,6 +91,11 @@ def trial_name(point: Mapping[str, Any]) -> str:
     return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
 
 
+FROM_RECORD = "from_record"
+"""Key of a trial result that re-reports a finished trial's record (`apot.sweep.trial_driver` after a resume):
+the display shows the trial finished, not an epoch trained again."""
+
+
 def grid_point(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """The grid point (``arch``, ``bit``, ``power``, ``seed``) of a Tune trial's config: its ``point``
     (`apot.sweep.param_space`), or the top-level keys of a sweep started before points were one key."""

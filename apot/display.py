@@ -49,7 +49,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from apot.config import grid_point, trial_name
+from apot.config import FROM_RECORD, grid_point, trial_name
 
 __all__ = [
     "QUIET_RAY_ENV",
@@ -292,7 +292,7 @@ class SweepProgress:
                 row.epoch_s[row.epoch] = float(metrics["epoch_s"])
                 if row.startup_s is None and row.started_at is not None:
                     row.startup_s = max(0.0, self.clock() - row.started_at - float(metrics["epoch_s"]))
-            if self.mode == "plain":
+            if self.mode == "plain" and not metrics.get(FROM_RECORD):  # a re-report trained nothing
                 self._print(self._epoch_text(row))
                 if self.clock() - self._last_overall >= self.overall_every_s:
                     self._overall_line()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from apot.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, write_json
-from apot.config import FP32_BIT, GRID_KEYS, grid_point, trial_name
+from apot.config import FP32_BIT, FROM_RECORD, GRID_KEYS, grid_point, trial_name
 from apot.recipe import INIT_FROM_FP32, with_added_settings
 from apot.train import TrainConfig, run_trial, summarize
 
@@ -211,7 +211,7 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     done = read_record(rec_path)
     if done and done["state"] == "TERMINATED" and with_added_settings(done["config"]) == asdict(cfg):
-        ray.tune.report(done["history"][-1])  # finished before a driver crash: never train twice
+        ray.tune.report({**done["history"][-1], FROM_RECORD: True})  # finished before a stop: not again
         return
 
     init_checkpoint = None

@@ -345,3 +345,18 @@ def test_quiet_env_names_real_ray_switches() -> None:
     assert QUIET_RAY_ENV == {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
     assert "RAY_AIR_NEW_OUTPUT" in inspect.getsource(output.get_air_verbosity)
     assert "TUNE_PRINT_ALL_TRIAL_ERRORS" in inspect.getsource(controller)
+
+
+def test_a_finished_trial_reported_from_its_record_prints_no_epoch_line() -> None:
+    """After a resume a finished trial re-reports its record's last epoch: shown finished, not as an epoch
+    trained again (the Slurm time-limit test reads epoch lines as epochs trained)."""
+    from apot.config import FROM_RECORD
+
+    progress, out, _ = plain([point()], epochs=3)
+    progress.trial_started(point())
+    progress.trial_result(point(), {**metrics(3, epochs=3), FROM_RECORD: True})
+    progress.trial_completed(point())
+    assert not any("epoch 3/3" in line for line in lines(out)), lines(out)
+    assert any("TERMINATED" in line for line in lines(out))
+    progress.trial_result(point(bit=2), metrics(1, epochs=3))  # a trained epoch still prints
+    assert any("epoch 1/3" in line for line in lines(out))

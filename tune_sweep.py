@@ -141,8 +141,8 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, A
             )
     if stored is None:
         return []
-    points = [grid_point({"point": p}) for p in cfg.trials()]
-    dropped = [trial_name(p) for p in stored if grid_point({"point": p}) not in points]
+    points = cfg.trials()  # grid points: {arch, bit, power, seed}, comparable as they are
+    dropped = [trial_name(p) for p in stored if p not in points]
     if dropped:
         raise ConfigError(
             f"--resume: the grid of the sweep stored at {experiment} may grow but not lose trials; this one "
@@ -150,7 +150,7 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, A
             f"(stored grid {saved['grid']}: keep its values, first in each list) "
             "or start a new sweep with --set name=<new name>"
         )
-    return [p for p in points if p not in [grid_point({"point": q}) for q in stored]]
+    return [p for p in points if p not in stored]
 
 
 def check_storage(experiment: Path) -> None:

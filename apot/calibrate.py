@@ -11,12 +11,12 @@ found by a grid search (``mse_alpha``). Two uses:
 
 - weights (``init_weight_alphas``): t is the layer's standardised weight, so alpha* depends only on the bit
   width, the level set and the weight's (roughly normal) shape; for N(0, 1) and APoT it is about 1.22 / 2.08
-  / 2.64 / 3.30 at 2 / 3 / 4 / 5 bits (``tests/test_calibrate.py`` checks against a numerical integral);
+  / 2.64 / 3.30 at 2 / 3 / 4 / 5 bits (``tests/test_recipe.py`` checks against a numerical integral);
 - activations (``calibrate_act_alphas``): t is the layer's input on one calibration batch of training images,
   layer by layer in forward order, each layer seeing the already calibrated quantizers before it.
 
 Both are deterministic: the weights come from the seeded initialisation and the calibration batch is the
-first batch of the seed's epoch-0 permutation (``apot.data.DeviceMNIST.train_batches``), unaugmented.
+first batch of the trial seed's epoch-0 permutation (``apot.data.DeviceMNIST.train_batches``), unaugmented.
 """
 
 from __future__ import annotations

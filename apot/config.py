@@ -1,7 +1,7 @@
 """Load and validate ``search_space.yaml`` into a `SweepConfig`, before Ray starts.
 
-Precedence, lowest first: the built-in defaults (the seed's sweep, `DEFAULTS`) < the YAML file < its
-``quick:`` section (``--quick``) < ``--set key=value`` overrides < ``--storage`` / ``--data-dir``
+Precedence, lowest first: the built-in defaults (`DEFAULTS`: the reference code's MNIST settings) < the YAML
+file < its ``quick:`` section (``--quick``) < ``--set key=value`` overrides < ``--storage`` / ``--data-dir``
 (``$APOT_DATA_DIR`` sits between ``--data-dir`` and the file, see `apot.data.resolve_data_dir`).
 Every problem is a `ConfigError` whose message is one line naming where the value came from, the dotted key
 and what is allowed, e.g.::
@@ -45,14 +45,15 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SET_KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 AUTO = "auto"
 # What `auto` resources become (`resolve_resources`). CPU: one rank of one thread per trial, as many trials
-# side by side as there are cores: measured fastest on a 2-core CPU (bench/cpu_layouts.py, README "Fast
-# step"). GPU: single-rank trials packed TRIALS_PER_GPU to a GPU (an estimate, see README).
+# side by side as there are cores: measured fastest on a 2-core CPU (bench/cpu_layouts.py, docs/EXPERIMENTS.md
+# "Step cost and CPU layout"). GPU: single-rank trials packed TRIALS_PER_GPU to a GPU (an estimate,
+# docs/RESOURCES.md).
 AUTO_WORKERS_PER_TRIAL = 1
 AUTO_CPUS_PER_WORKER = 1
 TRIALS_PER_GPU = 8
 
-# The schema: every allowed key with its default (the seed's sweep). Sections are the nested dicts; the
-# train section is apot.recipe.TrainConfig's fields (written once, there).
+# The schema: every allowed key with its default (the reference code's MNIST settings). Sections are the
+# nested dicts; the train section is apot.recipe.TrainConfig's fields (written once, there).
 DEFAULTS: dict[str, Any] = {
     "name": "apot_mnist",
     "storage": "./ray_results",

@@ -5,11 +5,12 @@ fields, and ``python -m apot.train`` its flags.
 
 Presets (``PRESETS``) are named sets of field values, applied under anything given explicitly:
 
-- ``default``: this repository's recipe (the field defaults): the seed's hyper-parameters with per-layer
-  MSE-optimal starting alphas (weights from their standardised values, activations calibrated on a batch);
-  in a sweep, each quantized trial also starts from its arch and seed's FP32 trial (`SWEEP_DEFAULTS`).
+- ``default``: this repository's recipe (the field defaults): the reference code's MNIST settings with
+  per-layer MSE-optimal starting alphas (weights from their standardised values, activations calibrated on
+  a batch); in a sweep, each quantized trial also starts from its arch and seed's FP32 trial
+  (`SWEEP_DEFAULTS`).
   The alpha parameter group, ``ws_grad`` and label smoothing exist as settings, off until measured better.
-  See README "Accuracy recipe" for what each setting measured.
+  docs/EXPERIMENTS.md has what each setting measured.
 - ``paper``: as the reference's MNIST ``main.py`` trains: activation alphas start at 6.0 and weight alphas at
   3.0 for every bit width, one parameter group (the alphas share lr 0.01 and weight decay 1e-4), gradient
   through the weight standardisation, constant lr.
@@ -59,7 +60,8 @@ def _alpha_init(name: str, value: Any, keyword: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a trial. Defaults: the seed's hyper-parameters plus this repository's recipe.
+    """Everything that defines a trial. Defaults: the reference code's MNIST settings plus this repository's
+    recipe.
 
     Args:
         batch_size: global batch, split evenly over the DDP ranks.
@@ -197,8 +199,8 @@ def with_added_settings(config: dict[str, Any]) -> dict[str, Any]:
 NOT_TRAIN_KEYS = ("arch", "bit", "power", "seed", "data_dir", "device")
 
 
-# Where a sweep's default differs from a lone trial's: a sweep has FP32 trials to start from (README
-# "Accuracy recipe": +0.25 points at 2 bits); `python -m apot.train` would need a checkpoint path.
+# Where a sweep's default differs from a lone trial's: a sweep has FP32 trials to start from
+# (docs/EXPERIMENTS.md: +0.25 points at 2 bits); `python -m apot.train` would need a checkpoint path.
 SWEEP_DEFAULTS: dict[str, Any] = {"init_from": INIT_FROM_FP32}
 
 

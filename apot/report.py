@@ -110,7 +110,7 @@ def precision_cell(bit: int) -> str:
 
 
 def hyper_params_cell(config: dict[str, Any]) -> str:
-    """The seed's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
+    """The paper README's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
     ``_fp32init`` for a quantized trial that started from its FP32 trial's weights (``init_from: fp32``;
     those weights had their own epochs), or ``_init`` from another checkpoint; then ``_kd<weight>`` when it
     also distilled from that model (``distill``).

@@ -1,7 +1,7 @@
 """The training step, built once per trial: eager, ``torch.compile``d, or replayed as one CUDA graph.
 
 The loop in `apot.train` only ever calls ``loss, logits = step(x, y)``; how that step runs is decided here
-(STYLE.md 11: the fast path swaps the step, not the loop). Every mode computes the same thing:
+(the fast path swaps the step, not the loop). Every mode computes the same thing:
 
     logits = net(x);  loss = loss_fn(logits, y);  zero the grads;  loss.backward();  optimizer.step()
 
@@ -44,8 +44,8 @@ STEP_MODES = ("auto", "eager", "compile", "cudagraph")
 CPU_AUTO_MODE = "eager"
 """What ``auto`` means on a CPU. Compiling is not shown to pay off there: the compiled CPU step was not
 measured to completion on the (heavily shared) 2-core machine this was built on, and every CPU test and
-quick sweep would pay a compile of minutes (README, "Fast step and resources"). ``compile`` is one setting
-away (``--set train.compile=compile``)."""
+quick sweep would pay a compile of minutes (docs/EXPERIMENTS.md, "Step cost and CPU layout"). ``compile`` is
+one setting away (``--set train.compile=compile``)."""
 COMPILE_BACKEND = os.environ.get("APOT_COMPILE_BACKEND", "inductor")
 """``torch.compile`` backend. ``aot_eager`` traces the same forward and backward graphs (Dynamo +
 AOTAutograd) but runs them without code generation: for debugging numerics, and for the DDP test on CPU."""

@@ -194,8 +194,8 @@ def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
     """Starting clipping thresholds of a fresh model (never on resume: the checkpoint holds the alphas).
 
     ``weight_alpha_init`` / ``act_alpha_init``: a number, or ``mse`` / ``calibrate`` (``apot.calibrate``);
-    the calibration batch is the first ``CALIBRATION_IMAGES`` of the seed's epoch-0 order, unaugmented, the
-    same on every rank."""
+    the calibration batch is the first ``CALIBRATION_IMAGES`` of the trial seed's epoch-0 order, unaugmented,
+    the same on every rank."""
     weight = cfg.weight_alpha_init
     init_weight_alphas(model, None if weight == ALPHA_INIT_MSE else float(weight))
     if cfg.act_alpha_init == ALPHA_INIT_CALIBRATE:

@@ -1,6 +1,6 @@
 """Would a steadier end of training help? Two post-hoc probes on a finished sweep's checkpoints.
 
-    python bench/bn_recal.py --experiment results-dir/r18_apot_cpu_3seeds --data-dir ../shared/data/mnist
+    python bench/bn_recal.py --experiment results-dir/r18_apot_cpu_3seeds --data-dir /path/to/mnist
 
 For every trial of the experiment it scores on the 10k test split:
 

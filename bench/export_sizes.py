@@ -1,5 +1,5 @@
 """The packed size of every arch x bit (APoT; uniform has the same level counts, so the same size), as the
-README's Markdown table.
+Markdown table of docs/EXPORT.md.
 
     python bench/export_sizes.py                 # width 16 (the sweep's), seed 0
     python bench/export_sizes.py --width 64

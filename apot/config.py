@@ -99,10 +99,8 @@ the display shows the trial finished, not an epoch trained again."""
 
 def grid_point(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """The grid point (``arch``, ``bit``, ``power``, ``seed``) of a Tune trial's config: its ``point``
-    (`apot.sweep.param_space`), or the top-level keys of a sweep started before points were one key."""
-    point = trial_config.get("point")
-    source = point if isinstance(point, Mapping) else trial_config
-    return {k: source[k] for k in GRID_KEYS}
+    (`apot.sweep.param_space`)."""
+    return {k: trial_config["point"][k] for k in GRID_KEYS}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +281,25 @@ def test_derived_concurrency(overrides: tuple[str, ...], available: dict, expect
     assert check_resources(_cfg(*overrides), available) == expected
 
 
-def test_local_resources() -> None:
-    res = local_resources()
-    assert res["CPU"] >= 1 and res["GPU"] >= 0
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_local_resources_counts_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    allowed = os.sched_getaffinity(0)
+    one = {min(allowed)}
+    os.sched_setaffinity(0, one)  # as under `taskset -c` or a Slurm/cgroup CPU limit
+    try:
+        assert local_resources()["CPU"] == 1.0
+    finally:
+        os.sched_setaffinity(0, allowed)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert local_resources() == {"CPU": float(len(allowed)), "GPU": 3.0}
+
+    def broken_driver() -> int:
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "device_count", broken_driver)
+    assert local_resources()["GPU"] == 0.0
 
 
 @pytest.mark.parametrize(("overrides", "available", "expected"), [

@@ -265,7 +265,8 @@ class FakeTrial:
 
 
 def tune_config(p: dict[str, Any], epochs: int = 25) -> dict[str, Any]:
-    return {**p, "train": {"epochs": epochs, "lr": 0.01}, "run": {"workers_per_trial": 2}}
+    """A Tune trial's config as `apot.sweep.param_space` shapes it: the grid point under ``point``."""
+    return {"point": p, "train": {"epochs": epochs, "lr": 0.01}, "run": {"workers_per_trial": 2}}
 
 
 def test_callback_maps_trial_events_onto_the_model(tmp_path: Path) -> None:

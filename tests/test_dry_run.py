@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,23 +28,28 @@ def test_dry_run_prints_the_resolved_sweep_and_starts_no_ray(synthetic_mnist_roo
     assert r.returncode == 0, r.stderr
     probe = json.loads(r.stdout.split("PROBE ", 1)[1])
     assert probe == {"rc": 0, "ray_imported": False}
-    from apot.config import check_resources, load_config, local_resources, resolve_resources
+    # What the machine should resolve to, counted here without apot: `auto` is one rank of one CPU per trial;
+    # with GPUs, 8 single-rank trials share each GPU and the step is a CUDA graph, else eager on the CPU.
+    import torch
 
-    cfg = load_config(REPO / "search_space.yaml", overrides=["grid.arch=[resnet18,resnet50]"])
-    cfg = resolve_resources(cfg, local_resources())
-    res = cfg.resources
-    assert res.workers_per_trial == 1 and res.cpus_per_worker == 1  # auto, resolved
+    cpus, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    gpu_share = 0.125 if gpus else 0
+    at_once = min(18, cpus, 8 * gpus) if gpus else min(18, cpus)
     out = r.stdout
     resolved = json.loads(out[: out.index("\nresources of")])
-    assert resolved["resources"]["gpus_per_worker"] == res.gpus_per_worker
+    assert {k: resolved["resources"][k] for k in ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")} \
+        == {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": gpu_share}
     assert resolved["train"]["compile"] == "auto"
-    assert len(cfg.trials()) == 18  # 2 archs x (FP32 + 4 bits x 2 quantizers)
-    assert f"trials: 18, {check_resources(cfg, local_resources())} at a time" in out
+    assert f"resources of this machine: {cpus} CPUs, {gpus} GPUs" in out
+    assert f"trials: 18, {at_once} at a time" in out  # 2 archs x (FP32 + 4 bits x 2 quantizers)
     trial_lines = [line for line in out.splitlines() if line.startswith("  resnet")]
-    assert len(trial_lines) == 18 and "resnet50_b2_uniform_s0" in trial_lines[-1]
-    device = "cuda" if res.gpus_per_worker else "cpu"
-    expected = f"ranks 1  CPU 1  GPU {res.gpus_per_worker:g}  {device}  step "
-    assert all(expected in line for line in trial_lines)
+    archs = ("resnet18", "resnet50")
+    names = [f"{arch}_fp32_s0" for arch in archs] + [
+        f"{arch}_b{b}_{q}_s0" for arch in archs for b in (5, 4, 3, 2) for q in ("apot", "uniform")]
+    assert [line.split()[0] for line in trial_lines] == names  # FP32 first: quantized trials start from it
+    step = "cudagraph" if gpus else "eager"
+    expected = f"ranks 1  CPU 1  GPU {gpu_share:g}  {'cuda' if gpus else 'cpu'}  step {step}"
+    assert all(line.endswith(expected) for line in trial_lines), trial_lines[0]
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from resnet_formula import STAGES, quantized_conv_weights
 from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.models import resnet as tv_resnet
 
 from apot.layers import Conv2d8bit, Linear8bit, QuantConv2d
@@ -140,18 +139,22 @@ def test_init():
     assert abs(w.std().item() / (2 / (w.shape[0] * 9)) ** 0.5 - 1) < 0.1
 
 
-@pytest.mark.parametrize(("bit", "power"), [(4, True), (32, True)])
-def test_data_parallel_prefixed_state_dict_loads_after_stripping(bit, power):
+@pytest.mark.parametrize(("bit", "power"), [(4, True), (2, False), (32, True)])
+def test_a_state_dict_rebuilds_the_same_model(bit, power):
+    """A checkpoint stores parameters and BN statistics only; the level sets are rebuilt from bit and power
+    (non-persistent buffers), so a fresh model loading the state dict computes exactly what the source did."""
     torch.manual_seed(0)
     source = create_model("resnet10", bit=bit, power=power)
     with torch.no_grad():
         for name, p in source.named_parameters():
             if name.endswith("alpha"):
-                p.add_(torch.rand(()))  # make the alphas differ from the initial values
-    checkpoint = {f"module.{k}": v for k, v in source.state_dict().items()}
-    consume_prefix_in_state_dict_if_present(checkpoint, "module.")
+                p.mul_(0.5 + torch.rand(()))  # moved from their initial values, as training would
+    source.train()(torch.randn(8, 1, 28, 28))  # BN running statistics away from their initial values
+    state = source.state_dict()
+    assert not any("levels" in k for k in state)  # level sets are not stored
+    torch.manual_seed(1)
     target = create_model("resnet10", bit=bit, power=power)
-    target.load_state_dict(checkpoint)  # strict
+    target.load_state_dict(state)  # strict
     x = torch.randn(3, 1, 28, 28)
     source.eval(), target.eval()
     assert torch.equal(source(x), target(x))

@@ -58,8 +58,13 @@ def test_mse_alpha_matches_the_integral_optimum(bit: int, one_thread: None) -> N
         assert error(found) <= 1.02 * error(target), (bit, signed, found, target)
         if bit == 2:
             assert found == pytest.approx(target, abs=0.05), signed
-    # the issue's numerically found weight constants (standardised weights: N(0, 1))
-    assert integral_mse_alpha(bit, True) == pytest.approx({2: 1.22, 4: 2.64}[bit], abs=0.02)
+    # what a layer gets: init_weight_alphas on a conv whose standardised weights are this normal sample
+    conv = QuantConv2d(64, 64, 8, bit=bit, power=True)  # 262,144 weights
+    with torch.no_grad():
+        conv.weight.copy_(x.view_as(conv.weight))
+    init_weight_alphas(nn.Sequential(conv), None)
+    error, target = integral_mse(bit, True)
+    assert error(float(conv.weight_alpha)) <= 1.02 * error(target), (bit, float(conv.weight_alpha), target)
 
 
 def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_mnist_root: Path,
@@ -203,8 +208,31 @@ def test_resume_restores_the_calibrated_alphas(synthetic_mnist_root: Path, one_t
 
 
 def test_one_source_of_train_defaults() -> None:
-    assert DEFAULTS["train"] == train_defaults()
-    assert load_config(SHIPPED).train == train_defaults()  # the shipped file states the defaults
+    """The shipped search_space.yaml's train: section, read as plain YAML, states TrainConfig's defaults
+    (the sweep's own where SWEEP_DEFAULTS differ), key for key, and python -m apot.train's flags default
+    to TrainConfig's."""
+    import dataclasses
+
+    import yaml
+
+    from apot.recipe import NOT_TRAIN_KEYS, SWEEP_DEFAULTS
+
+    written = yaml.safe_load(SHIPPED.read_text())["train"]
+    expected = {f.name: SWEEP_DEFAULTS.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)
+                if f.name not in NOT_TRAIN_KEYS}
+    assert written == expected
+    assert DEFAULTS["train"] == expected and load_config(SHIPPED).train == expected
+    given = vars(parse_args(["--out", "x"]))
+    assert given == {"out": "x", "preset": "default", "data_dir": None}  # absent flags: the field defaults
+    import contextlib
+    import io
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name.replace('_', '-')}" not in
+               help_text.getvalue()]
+    assert missing == []  # every field has its flag
 
 
 @pytest.mark.parametrize("item,message", [
@@ -256,8 +284,6 @@ def test_tune_space_holds_each_point_once() -> None:
     grid = param_space(cfg.trials(), cfg.train, {})["point"]["grid_search"]
     names = [trial_name(grid_point({"point": p})) for p in grid]
     assert len(names) == len(set(names)) == 27 and names.count("resnet18_fp32_s0") == 1
-    old_style = {"arch": "resnet18", "bit": 4, "power": True, "seed": 0, "train": {}}  # sweeps made before
-    assert grid_point(old_style) == {"arch": "resnet18", "bit": 4, "power": True, "seed": 0}
 
 
 # ------------------------------------------------------------------ progressive initialisation (init_from)
@@ -285,9 +311,13 @@ def test_init_from_starts_from_the_checkpoint_weights_and_calibrates_alphas(
     states = []
     run_trial(cfg, on_epoch=lambda m, s: states.append(s))
     start = states[-1]["model"]
+    bn_keys = [k for k in fp32 if k.endswith("num_batches_tracked")]
+    assert bn_keys and all(int(fp32[k]) == 4 for k in bn_keys)  # 256 images / batch 64 in the FP32 epoch
     for key, value in fp32.items():
-        if key.endswith(("weight", "bias")) and "bn" not in key and "downsample.1" not in key:
+        if key.endswith(("weight", "bias")):  # convs, the 8-bit layers and BatchNorm's affine parameters
             assert torch.allclose(start[key], value, atol=1e-6), key
+        elif key.endswith("num_batches_tracked"):  # BN statistics loaded, then 4 more batches on top
+            assert int(start[key]) == int(value) + 4, key
     # the alphas were initialised for these weights: per layer, MSE-optimal for the loaded conv weights
     model = create_model("resnet10", 2, width=8)
     model.load_state_dict(start)

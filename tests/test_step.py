@@ -27,7 +27,7 @@ from apot.quant import (
     project_table,
     table_levels,
 )
-from apot.step import build_step, make_capturable, resolve_mode, use_compile_cache
+from apot.step import CACHE_DIR_ENV, CACHE_ENV, build_step, make_capturable, resolve_mode, use_compile_cache
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -101,6 +101,24 @@ def test_resolve_mode() -> None:
         resolve_mode("fast", CPU)
 
 
+@pytest.fixture
+def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`use_compile_cache` for one test: the environment variables and torch settings it changes are put
+    back afterwards, so later tests do not compile into (or load from) this test's folder."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    for name in (*CACHE_ENV, "TORCHINDUCTOR_CACHE_DIR", CACHE_DIR_ENV):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # records the old value (or its absence)
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+    for config, name in ((inductor_config, "fx_graph_cache"), (functorch_config, "enable_autograd_cache"),
+                         (functorch_config, "autograd_cache_allow_custom_autograd_functions")):
+        if hasattr(config, name):
+            monkeypatch.setattr(config, name, getattr(config, name))
+    return use_compile_cache(tmp_path / "cache")
+
+
 def _tiny(bit: int = 4, power: bool = True, seed: int = 0) -> nn.Module:
     """The smallest net that still runs both quantizers: ReLU -> QuantConv2d -> BN -> linear."""
     torch.manual_seed(seed)
@@ -113,11 +131,11 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 2, 6, 6, generator=gen) * 4, torch.randint(0, 10, (16,), generator=gen)
 
 
-def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, one_thread: None) -> None:
+def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, compile_cache: Path,
+                                                       one_thread: None) -> None:
     """Inductor (C++ on CPU) against eager, through build_step, from the same weights on the same batches:
     loss, logits, the input gradient, both alpha gradients and the weight gradient of the first step, then
     the weights after a second step, all within float32 reduction-order noise (rtol 1e-4, atol 1e-5)."""
-    use_compile_cache(tmp_path / "cache")
     runs = []
     for mode in ("eager", "compile"):
         model = _tiny()
@@ -143,12 +161,14 @@ def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, one_thread
 
 DDP_COMPILE = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
+    from torch._dynamo.utils import counters
     from apot.train import TrainConfig, run_trial
     cfg = TrainConfig(arch="resnet10", bit=3, width=4, batch_size=64, epochs=2, train_subset=256,
                       data_dir=sys.argv[1], device="cpu", compile=sys.argv[3])
     out = {}
     def on_epoch(metrics, state):
         out["model"] = {k: v.clone() for k, v in state["model"].items()}
+        out.setdefault("graphs", []).append(counters["stats"]["unique_graphs"])  # graphs Dynamo compiled so far
     result = run_trial(cfg, on_epoch=on_epoch, compile_cache=sys.argv[2] + "/cache")
     out.update(result={k: result[k] for k in ("step_mode", "compile_s", "history")},
                world=dist.get_world_size())
@@ -175,7 +195,8 @@ def test_ddp_with_a_compiled_step_over_gloo(synthetic_mnist_root: Path, tmp_path
         assert torch.equal(tensor, r1["model"][key]), key  # the gradients were all-reduced
     history = r0["result"]["history"]
     assert [h["step_mode"] for h in history] == ["compile", "compile"]
-    assert history[1]["compile_s"] == 0  # compiled once, in epoch 1
+    assert r0["graphs"][0] > 0 and r0["graphs"][1] == r0["graphs"][0]  # compiled in epoch 1, never again
+    assert history[0]["compile_s"] > 0
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert (tmp_path / "cache").is_dir()  # the shared cache
     assert not list((tmp_path / "cache").glob("compile-*.lock"))  # no lock across ranks: it would deadlock
@@ -185,11 +206,10 @@ def test_ddp_with_a_compiled_step_over_gloo(synthetic_mnist_root: Path, tmp_path
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["compile", "cudagraph"])
-def test_cuda_step_matches_eager(mode: str, tmp_path: Path) -> None:
+def test_cuda_step_matches_eager(mode: str, compile_cache: Path) -> None:
     """A few SGD steps (momentum, weight decay, a scheduled tensor lr) replayed from a CUDA graph (or
     compiled) against eager on the same batches: same losses and weights within float32 noise."""
     device = torch.device("cuda")
-    use_compile_cache(tmp_path / "cache")
     runs = []
     for m in ("eager", mode):
         model = _tiny().to(device)

@@ -37,8 +37,8 @@ def test_dry_run_prints_the_resolved_sweep_and_starts_no_ray(synthetic_mnist_roo
     at_once = min(18, cpus, 8 * gpus) if gpus else min(18, cpus)
     out = r.stdout
     resolved = json.loads(out[: out.index("\nresources of")])
-    assert {k: resolved["resources"][k] for k in ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")} \
-        == {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": gpu_share}
+    keys = ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")
+    assert {k: resolved["resources"][k] for k in keys} == dict(zip(keys, (1, 1, gpu_share), strict=True))
     assert resolved["train"]["compile"] == "auto"
     assert f"resources of this machine: {cpus} CPUs, {gpus} GPUs" in out
     assert f"trials: 18, {at_once} at a time" in out  # 2 archs x (FP32 + 4 bits x 2 quantizers)

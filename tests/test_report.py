@@ -405,7 +405,8 @@ def test_load_results_is_results_csv_as_a_dataframe(written: dict[str, Path]) ->
     assert list(df.columns) == list(report.CSV_COLUMNS)
     # every row is its record (in order), typed as numbers where the record has numbers
     for row, r in zip(df.to_dict("records"), RECORDS, strict=True):
-        assert (row["arch"], row["bit"], row["seed"], row["state"]) == (r["arch"], r["bit"], r["seed"], r["state"])
+        keys = ("arch", "bit", "seed", "state")
+        assert [row[k] for k in keys] == [r[k] for k in keys]
         assert row["quantizer"] == ("apot" if r["power"] else "uniform")
         assert row["epochs"] == r["config"]["epochs"] and row["lr"] == r["config"]["lr"]
         for key in ("final_test_acc", "best_test_acc", "final_train_acc", "wall_time_s"):

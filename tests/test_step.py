@@ -168,7 +168,7 @@ DDP_COMPILE = textwrap.dedent("""
     out = {}
     def on_epoch(metrics, state):
         out["model"] = {k: v.clone() for k, v in state["model"].items()}
-        out.setdefault("graphs", []).append(counters["stats"]["unique_graphs"])  # graphs Dynamo compiled so far
+        out.setdefault("graphs", []).append(counters["stats"]["unique_graphs"])  # Dynamo's graphs so far
     result = run_trial(cfg, on_epoch=on_epoch, compile_cache=sys.argv[2] + "/cache")
     out.update(result={k: result[k] for k in ("step_mode", "compile_s", "history")},
                world=dist.get_world_size())

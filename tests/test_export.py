@@ -175,6 +175,23 @@ def test_cli_export_and_verify(trained: Path, synthetic_mnist_root: Path, tmp_pa
     assert out[2] == ex.size_line(data["size"])
 
 
+def test_verify_exits_1_when_a_prediction_differs(trained: Path, synthetic_mnist_root: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """An export whose model no longer predicts what its checkpoint does (here: the fc bias pushed towards
+    one class, as a wrong decode would) fails --verify with exit code 1 and the count of differing images."""
+    file = tmp_path / "r10.pt"
+    assert ex.main(["--checkpoint", str(trained), "--out", str(file)]) == 0
+    data = torch.load(file, weights_only=True)
+    bias = data["layers"]["fc"]["bias"]
+    bias[int(bias.argmin())] += 1000.0  # every image now goes to one class
+    torch.save(data, file)
+    capsys.readouterr()
+    assert ex.main(["--verify", str(file), "--data-dir", str(synthetic_mnist_root)]) == 1
+    line = capsys.readouterr().out.splitlines()[1]
+    differing = int(re.search(r"checkpoint: (\d+) of 256", line).group(1))
+    assert differing > 0 and "bit-identical" not in line, line
+
+
 def test_trial_folder_picks_the_latest_checkpoint(trained: Path, tmp_path: Path) -> None:
     trial = tmp_path / "train" / "resnet10_b4_apot_s0"
     for epoch in (999, 1000):

@@ -16,6 +16,7 @@ from apot.quant import (
     ACT_ALPHA_INIT,
     LEVEL_BITS,
     SUPPORTED_BITS,
+    TABLE_SCALE,
     WEIGHT_ALPHA_INIT,
     ActQuantFn,
     QuantConfig,
@@ -424,3 +425,36 @@ def test_projection_on_cuda_equals_brute_force(bit, power, signed):
     table = lookup_table(lv_cuda)
     assert table.is_cuda and torch.equal(table.cpu(), lookup_table(lv))
     assert torch.equal(project_table(u_cuda, table).cpu(), expected)
+
+
+# ------------------------------------------------------------------------------------- bench projections
+def _bench_reference_projection(power: bool):
+    """bench/bench_step.py's copy of the paper's projection (the bench is a script, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_projection(power)
+
+
+@pytest.mark.parametrize("power", [True, False], ids=["apot", "uniform"])
+def test_the_benchs_three_projections_agree_except_on_midpoints(power: bool) -> None:
+    """What bench/README.md says of the three projections it times: off the midpoints between two levels
+    they give the same level; on a midpoint apot's two take the lower level, while the reference's
+    ``round()`` (uniform) rounds half to even and its search (signed APoT) keeps the smaller magnitude."""
+    reference = _bench_reference_projection(power)
+    differ_on_ties = 0
+    for bit, signed in itertools.product(LEVEL_BITS, (True, False)):
+        lv = levels(bit, power=power, signed=signed)
+        u = torch.rand(20000, generator=torch.Generator().manual_seed(bit)) * 3 - 1.5
+        u = u[(u.unsqueeze(1) - midpoints(lv)).abs().min(1)[0] > 1e-4]
+        table = project_table(u, lookup_table(lv, TABLE_SCALE))
+        assert torch.equal(table, project(u, lv)), (bit, signed)
+        assert torch.equal(table, reference(u, lv)), (bit, signed)
+        ties = midpoints(lv)
+        assert torch.equal(project_table(ties, lookup_table(lv, TABLE_SCALE)), project(ties, lv))
+        differ_on_ties += int((reference(ties, lv) != project(ties, lv)).sum())
+    assert differ_on_ties > 0  # the exception the README states is real: the reference is not tie-exact

@@ -70,3 +70,46 @@ def test_sigterm_mid_sweep_writes_tables_and_resume_completes(synthetic_mnist_ro
     (done,) = [json.loads(p.read_text()) for p in (experiment / "records").glob("*.json")]
     assert done["state"] == "TERMINATED"
     assert [h["epoch"] for h in done["history"]] == list(range(1, EPOCHS + 1))
+
+
+SECOND_SIGNAL = """
+import sys, time
+import tune_sweep
+stop = tune_sweep.GracefulStop()
+stop.install()
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # as the driver waits in Tuner.fit while the trials stop
+    time.sleep(0.05)
+sys.exit(0)
+"""
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    """The first SIGTERM starts the stop (the process goes on, to write the tables); a second one ends the
+    process at once with 128 + SIGTERM, whatever the stop is still waiting for."""
+    import sys
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while "got SIGTERM: stopping" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first signal does not end it
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - sent < 5
+        assert "got SIGTERM again: exiting at once" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

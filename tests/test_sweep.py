@@ -135,6 +135,33 @@ def test_report_only_reproduces_the_tables(finished_sweep: Path, synthetic_mnist
     assert {n: (finished_sweep / n).read_bytes() for n in before} == before
 
 
+def test_update_readme_writes_the_sweeps_tables_between_the_markers(finished_sweep: Path,
+                                                                   synthetic_mnist_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """`tune_sweep.py --report-only --update-readme`, end to end: the README beside the script (a copy of
+    the script here, so the repository's README is not touched) gets the sweep's tables.md between its
+    markers, under the stored provenance; every byte outside the markers stays."""
+    from apot.report import README_END, README_START
+
+    shutil.copy(REPO / "tune_sweep.py", tmp_path / "tune_sweep.py")
+    head, tail = "# A project\n\nIntro.\n\n", "\n\n## Later\n\nkept as it was\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{head}{README_START}\nold tables\n{README_END}{tail}")
+    cmd = [sys.executable, str(tmp_path / "tune_sweep.py"), "--config", str(REPO / "search_space.yaml"),
+           "--report-only", "--update-readme", *sweep_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = readme.read_text()
+    assert text.startswith(head + README_START + "\n") and text.endswith(README_END + tail)
+    inside = text[len(head) + len(README_START):-len(README_END + tail)]
+    tables = (finished_sweep / "tables.md").read_text().strip("\n")
+    assert "old tables" not in inside and tables in inside
+    stored = json.loads((finished_sweep / "results.json").read_text())["provenance"]["command"]
+    assert f"Command: `{stored}`" in inside  # how the numbers were made, not this --report-only call
+    assert len(rows(inside, "### APoT")) == 2 and len(rows(inside, "### Uniform")) == 2
+
+
 def test_existing_sweep_needs_resume(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
     r = run_sweep(*sweep_cmd(synthetic_mnist_root, finished_sweep.parent), timeout=120)
     assert r.returncode == 2 and "pass --resume" in r.stderr and "Traceback" not in r.stderr

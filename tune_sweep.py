@@ -44,7 +44,7 @@ from apot.config import (
 )
 from apot.data import MNISTDataError, ensure_mnist
 from apot.ray_session import RaySetupError, check_ray_version, start_ray
-from apot.recipe import with_added_settings
+from apot.recipe import identity_changes
 from apot.sweep import (
     STOP_MARKER,
     collect_records,
@@ -56,9 +56,6 @@ from apot.sweep import (
 
 SAVED_CONFIG = "sweep_config.json"
 DEFAULT_CONFIG = "search_space.yaml"
-# What defines every trial: a resumed sweep must have the same; its grid may grow (check_resume_matches);
-# resources and retries may change.
-TRIAL_DEFINING_KEYS = ("train", "data_dir")
 
 
 class _VersionAction(argparse.Action):
@@ -128,17 +125,16 @@ def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, A
                           "--storage and the config's name, or drop --resume to start a new sweep")
     try:
         saved, now = json.loads(saved_file.read_text()), cfg.to_dict()
-        saved["train"] = with_added_settings(saved["train"])  # a sweep stored before a setting existed
         stored = replace(cfg, grid=saved["grid"]).trials() if saved.get("grid") != now["grid"] else None
+        changed = identity_changes(saved["train"], now["train"])  # the trial identity (apot.recipe)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read {saved_file} ({type(exc).__name__}: {exc})") from None
-    for key in TRIAL_DEFINING_KEYS:
-        if saved.get(key) != now.get(key):
-            raise ConfigError(
-                f"--resume: {key} differs from the sweep stored at {experiment} "
-                f"(stored {saved.get(key)}, now {now.get(key)}); resume with the same config, "
-                "or start a new sweep with --set name=<new name>"
-            )
+    if changed:
+        raise ConfigError(
+            f"--resume: the training setup differs from the sweep stored at {experiment}: "
+            f"train.{', train.'.join(changed)}; resume with the same config (only --data-dir and "
+            "train.compile may change), or start a new sweep with --set name=<new name>"
+        )
     if stored is None:
         return []
     points = cfg.trials()  # grid points: {arch, bit, power, seed}, comparable as they are

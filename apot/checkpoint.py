@@ -18,17 +18,11 @@ from typing import Any
 import torch
 
 from apot.atomic import atomic_write, atomic_write_bytes
-from apot.recipe import with_added_settings
+from apot.recipe import identity_changes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config")
-# Keys of the config that define a trial; a resume with other values is refused (a longer or differently
-# scheduled run is a different trial: the LR schedule depends on epochs). data_dir and device may change.
-IDENTITY_KEYS = ("arch", "bit", "power", "seed", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                 "schedule", "width", "train_subset", "augment", "act_alpha_init", "weight_alpha_init",
-                 "alpha_lr", "alpha_weight_decay", "ws_grad", "label_smoothing", "init_from", "distill",
-                 "preset")
 
 
 class CheckpointError(RuntimeError):
@@ -82,16 +76,14 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
     """Read ``folder/checkpoint.pt``; None if there is none.
 
     Raises ``CheckpointError`` (one line: the file and what is wrong) when the file is unreadable, lacks a
-    key, or was written for a different trial than ``config`` (compared on ``IDENTITY_KEYS``).
+    key, or was written for a different trial than ``config`` (`apot.recipe.TRIAL_IDENTITY`).
     """
     path = Path(folder) / CHECKPOINT_FILE
     if not path.exists():
         return None
     state = _read_state(path)
     if config is not None:
-        saved = with_added_settings(state["config"])
-        diff = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})"
-                for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
+        diff = identity_changes(state["config"], config)
         if diff:
             raise CheckpointError(
                 f"{path}: checkpoint belongs to another trial: {', '.join(diff)}; "

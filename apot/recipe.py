@@ -195,6 +195,27 @@ def with_added_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**ADDED_SETTINGS, **config}
 
 
+# The trial identity: which `TrainConfig` fields make two runs the same trial, so that one may resume the
+# other (a checkpoint, a finished record, a stored sweep). Every field does, except where and how it runs:
+#   data_dir  where the MNIST files are read from: the same files may sit elsewhere after a move, on another
+#             node or in a requeued job's new scratch folder (they are validated on every start);
+#   device    and compile: how the step is executed (eager, compiled, CUDA graph; CPU or GPU). They compute
+#             the same step (tests/test_step.py compares them), so they change speed, not the trial.
+# Everything else (the grid point, epochs and the schedule, the recipe, the preset) changes what is trained.
+MAY_CHANGE_ON_RESUME = ("data_dir", "device", "compile")
+TRIAL_IDENTITY = tuple(f.name for f in fields(TrainConfig) if f.name not in MAY_CHANGE_ON_RESUME)
+
+
+def identity_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The `TRIAL_IDENTITY` fields on which two trial configs (``asdict(TrainConfig)``, a stored record's or
+    checkpoint's ``config``, or a sweep's ``train:`` section) differ, as ``key=stored (this run: value)``;
+    empty when ``now`` may resume ``stored``. A setting missing from a stored config has its `ADDED_SETTINGS`
+    value; a field neither has (a ``train:`` section holds no grid point) is not compared."""
+    stored, now = with_added_settings(stored), with_added_settings(now)
+    return [f"{k}={stored.get(k)!r} (this run: {now.get(k)!r})" for k in TRIAL_IDENTITY
+            if (k in stored or k in now) and stored.get(k) != now.get(k)]
+
+
 # Keys that are not per-sweep training settings: the grid point's and the run's own.
 NOT_TRAIN_KEYS = ("arch", "bit", "power", "seed", "data_dir", "device")
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from apot.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, write_json
 from apot.config import FP32_BIT, FROM_RECORD, GRID_KEYS, grid_point, trial_name
-from apot.recipe import INIT_FROM_FP32, with_added_settings
+from apot.recipe import INIT_FROM_FP32, identity_changes
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
@@ -210,7 +210,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     rec_path = record_path(experiment, point)
 
     done = read_record(rec_path)
-    if done and done["state"] == "TERMINATED" and with_added_settings(done["config"]) == asdict(cfg):
+    if done and done["state"] == "TERMINATED" and not identity_changes(done["config"], asdict(cfg)):
         ray.tune.report({**done["history"][-1], FROM_RECORD: True})  # finished before a stop: not again
         return
 

@@ -4,6 +4,7 @@ defaults, and the FP32 ceiling row."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -488,3 +489,58 @@ def test_a_checkpoint_from_before_distill_resumes_as_distill_0(tmp_path: Path) -
     assert load_checkpoint(tmp_path, {**config, "distill": 0.0})["epoch"] == 1
     with pytest.raises(CheckpointError, match=r"belongs to another trial: distill=0.0 \(this run: 0.5\)"):
         load_checkpoint(tmp_path, {**config, "distill": 0.5})
+
+
+# ------------------------------------------------------------------------------------------ trial identity
+def test_trial_identity_is_every_field_but_where_and_how_it_runs() -> None:
+    import dataclasses
+
+    from apot.recipe import MAY_CHANGE_ON_RESUME, TRIAL_IDENTITY, identity_changes
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(MAY_CHANGE_ON_RESUME) == {"data_dir", "device", "compile"}
+    assert set(TRIAL_IDENTITY) == names - set(MAY_CHANGE_ON_RESUME)
+    stored = dataclasses.asdict(TrainConfig(**SMALL))
+    moved = {**stored, "data_dir": "/elsewhere/mnist", "device": "cuda", "compile": "compile"}
+    assert identity_changes(stored, moved) == []
+    assert identity_changes(stored, {**stored, "lr": 0.02}) == ["lr=0.01 (this run: 0.02)"]
+    old = {k: v for k, v in stored.items() if k != "distill"}  # stored before distill existed
+    assert identity_changes(old, stored) == []
+    assert identity_changes(old, {**stored, "distill": 0.5}) == ["distill=0.0 (this run: 0.5)"]
+
+
+def _stored_sweep(tmp_path: Path, *overrides: str) -> Path:
+    cfg = load_config(SHIPPED, overrides=list(overrides))
+    experiment = tmp_path / cfg.name
+    experiment.mkdir(parents=True)
+    (experiment / "sweep_config.json").write_text(json.dumps(cfg.to_dict()))
+    return experiment
+
+
+def test_a_sweep_resumes_from_another_data_dir_and_step_mode_only(tmp_path: Path) -> None:
+    """The sweep applies the same identity as checkpoints and records: --resume from another MNIST folder or
+    with another train.compile continues the stored sweep; another training setting is refused."""
+    from tune_sweep import check_resume_matches
+
+    experiment = _stored_sweep(tmp_path, "data_dir=/old/mnist", "train.compile=auto")
+    moved = load_config(SHIPPED, overrides=["train.compile=eager"], data_dir="/new/mnist")
+    assert moved.data_dir != json.loads((experiment / "sweep_config.json").read_text())["data_dir"]
+    assert check_resume_matches(moved, experiment) == []
+    changed = load_config(SHIPPED, overrides=["train.lr=0.02"], data_dir="/old/mnist")
+    with pytest.raises(ConfigError, match=r"differs from the sweep stored at .*: train\.lr=0\.01 \(this run: "
+                                          r"0\.02\); .*only --data-dir and train\.compile may change"):
+        check_resume_matches(changed, experiment)
+
+
+def test_a_checkpoint_resumes_on_another_device_data_dir_and_step_mode(tmp_path: Path) -> None:
+    import dataclasses
+
+    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    cfg = dataclasses.asdict(TrainConfig(**SMALL, data_dir="/old/mnist"))
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [], "config": cfg}
+    save_checkpoint(state, tmp_path)
+    moved = {**cfg, "data_dir": "/new/mnist", "device": "cuda", "compile": "eager"}
+    assert load_checkpoint(tmp_path, moved)["epoch"] == 1
+    with pytest.raises(CheckpointError, match=r"belongs to another trial: epochs=25 \(this run: 30\)"):
+        load_checkpoint(tmp_path, {**cfg, "epochs": 30})

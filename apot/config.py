@@ -22,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from apot.recipe import AUGMENTS, INIT_FROM_FP32, PRESETS, SCHEDULES, TrainConfig, train_defaults
+from apot.recipe import (
+    ALPHA_INIT_CALIBRATE,
+    ALPHA_INIT_MSE,
+    INIT_FROM_FP32,
+    PRESETS,
+    TrainConfig,
+    train_defaults,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -40,7 +47,6 @@ __all__ = [
 GRID_KEYS = ("arch", "bit", "power", "seed")
 FP32_BIT = 32  # apot.quant.FULL_PRECISION (not imported: it imports torch)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-MNIST_TRAIN_SIZE = 60_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SET_KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 AUTO = "auto"
@@ -410,50 +416,29 @@ def _validate_grid(c: _Checker, grid: dict[str, Any], archs: Sequence[str], bits
 
 
 def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[str, Any]:
+    """The ``train:`` section: YAML's types coerced here (integers, numbers written as text such as
+    ``1e-4``), every rule checked once, by `TrainConfig`, its message re-raised as this layer's one line
+    naming where the value came from."""
     out = dict(train)
-    out["epochs"] = c.integer("train.epochs", train["epochs"], 1)
-    out["batch_size"] = c.integer("train.batch_size", train["batch_size"], 1)
-    if out["batch_size"] % workers:
-        raise c.fail("train.batch_size", f"{out['batch_size']} is the global batch and must be divisible by "
-                                         f"resources.workers_per_trial ({workers}), so every DDP rank gets "
-                                         "an equal share")
-    lr = c.number("train.lr", train["lr"])
-    if lr <= 0:
-        raise c.fail("train.lr", f"{lr} must be > 0")
-    weight_decay = c.number("train.weight_decay", train["weight_decay"])
-    if weight_decay < 0:
-        raise c.fail("train.weight_decay", f"{weight_decay} must be >= 0")
-    momentum = c.number("train.momentum", train["momentum"])
-    if not 0 <= momentum < 1:
-        raise c.fail("train.momentum", f"{momentum} must be in [0, 1)")
-    out.update(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum))
-
-    c.choice("train.schedule", train["schedule"], SCHEDULES, "a learning-rate schedule")
-    c.choice("train.augment", train["augment"], AUGMENTS, "a training augmentation")
-    from apot.step import STEP_MODES
-
-    c.choice("train.compile", train["compile"], STEP_MODES, "a training-step mode")
-    c.choice("train.preset", train["preset"], tuple(PRESETS), "a preset (apot.recipe.PRESETS)")
-    for key in ("alpha_lr", "alpha_weight_decay", "act_alpha_init", "weight_alpha_init", "label_smoothing",
-                "distill"):
+    for key in ("epochs", "batch_size", "width"):
+        out[key] = c.integer(f"train.{key}", train[key])
+    out["train_subset"] = c.integer("train.train_subset", train["train_subset"], nullable=True)
+    numbers = ("lr", "weight_decay", "momentum", "alpha_lr", "alpha_weight_decay", "act_alpha_init",
+               "weight_alpha_init", "label_smoothing", "distill")
+    for key in numbers:
         value = out[key]
-        if value is not None and value not in ("calibrate", "mse"):
-            out[key] = float(c.number(f"train.{key}", value))
+        if value is not None and value not in (ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE):
+            out[key] = c.number(f"train.{key}", value)  # as given, so a message quotes what was written
     if train["init_from"] is not None:  # a path would be one checkpoint for every arch: apot.train takes it
         c.choice("train.init_from", train["init_from"], (INIT_FROM_FP32,),
                  "how a sweep's trials start (null: from scratch; fp32: from the FP32 trial of their "
                  "arch and seed; a checkpoint path is for python -m apot.train)")
-    out["width"] = c.integer("train.width", train["width"], 1)
-    subset = c.integer("train.train_subset", train["train_subset"], 1, nullable=True)
-    if subset is not None and subset > MNIST_TRAIN_SIZE:
-        raise c.fail("train.train_subset", f"{subset} exceeds the {MNIST_TRAIN_SIZE} training images; "
-                                           "use null for all of them")
-    try:  # the recipe's remaining rules live in TrainConfig; its message starts with the field's name
-        TrainConfig.from_dict(out)
+    try:
+        TrainConfig.from_dict(out).per_rank_batch(workers)
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
         raise c.fail(f"train.{key}", problem) from None
-    return out
+    return {k: float(v) if k in numbers and isinstance(v, int) else v for k, v in out.items()}
 
 
 def _validate_resources(c: _Checker, res: dict[str, Any]) -> Resources:
@@ -590,9 +575,6 @@ def resolve_resources(cfg: SweepConfig, available: Mapping[str, float]) -> Sweep
             gpus = 0
         else:
             gpus = math.floor(1e4 / res.trials_per_gpu) / 1e4 if workers == 1 else 1
-    if cfg.train["batch_size"] % workers:
-        raise ConfigError(f"train.batch_size: {cfg.train['batch_size']} is the global batch and must be "
-                          f"divisible by resources.workers_per_trial ({workers})")
     return replace(cfg, resources=replace(res, workers_per_trial=workers, cpus_per_worker=cpus,
                                           gpus_per_worker=gpus))
 

@@ -26,6 +26,7 @@ __all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32
 
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("shift", "affine", "none")
+MNIST_TRAIN_IMAGES = 60_000
 """Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
@@ -49,6 +50,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "distill": 0.0,
     },
 }
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...], what: str) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not {what}; allowed: {', '.join(allowed)}")
 
 
 def _alpha_init(name: str, value: Any, keyword: str) -> None:
@@ -121,16 +127,21 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment: {self.augment!r} is not one of {', '.join(AUGMENTS)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs: {self.epochs} must be >= 1")
+        """The one validation of the training settings; each message starts with the field's name."""
+        _choice("schedule", self.schedule, SCHEDULES, "a learning-rate schedule")
+        _choice("augment", self.augment, AUGMENTS, "a training augmentation")
+        for name in ("epochs", "batch_size", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.train_subset is not None and not 1 <= self.train_subset <= MNIST_TRAIN_IMAGES:
+            raise ValueError(f"train_subset: {self.train_subset} must be in [1, {MNIST_TRAIN_IMAGES}], the "
+                             "MNIST training images; use null for all of them")
         if self.lr <= 0:
             raise ValueError(f"lr: {self.lr} must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: {self.momentum} must be in [0, 1)")
         _alpha_init("act_alpha_init", self.act_alpha_init, ALPHA_INIT_CALIBRATE)
         _alpha_init("weight_alpha_init", self.weight_alpha_init, ALPHA_INIT_MSE)
         for name in ("alpha_lr", "alpha_weight_decay"):
@@ -159,12 +170,18 @@ class TrainConfig:
         if self.distill and self.init_from is None:
             raise ValueError(f"distill: {self.distill} needs a teacher, the init_from checkpoint's model: "
                              f"set init_from ({INIT_FROM_FP32!r} in a sweep) or distill 0")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        _choice("preset", self.preset, tuple(PRESETS), "a preset (apot.recipe.PRESETS)")
         from apot.step import STEP_MODES  # lazily: it imports torch
 
-        if self.compile not in STEP_MODES:
-            raise ValueError(f"compile: {self.compile!r} is not one of {', '.join(STEP_MODES)}")
+        _choice("compile", self.compile, STEP_MODES, "a training-step mode")
+
+    def per_rank_batch(self, ranks: int) -> int:
+        """The batch of each of ``ranks`` DDP ranks: ``batch_size`` is the global batch, split evenly."""
+        if self.batch_size % ranks:
+            raise ValueError(f"batch_size: {self.batch_size} is the global batch and must be divisible by "
+                             f"the {ranks} DDP ranks of a trial (resources.workers_per_trial in a sweep), so "
+                             "every rank gets an equal share")
+        return self.batch_size // ranks
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -305,9 +305,7 @@ def run_trial(
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     _check_distinct_gpus(device, info)
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {info.world_size} DDP ranks")
-    per_rank_batch = cfg.batch_size // info.world_size
+    per_rank_batch = cfg.per_rank_batch(info.world_size)
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     data = DeviceMNIST.from_root(cfg.data_dir, device=device, train_subset=cfg.train_subset,

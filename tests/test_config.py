@@ -140,10 +140,10 @@ BAD_SETS = [
     (["train.weight_decay=-1"], r"train\.weight_decay: -1 must be >= 0"),
     (["train.schedule=linear"], r"train\.schedule: 'linear' is not a learning-rate schedule; "
                                 r"allowed: cosine, step, constant"),
-    (["train.train_subset=70000"], r"train\.train_subset: 70000 exceeds the 60000 training images"),
+    (["train.train_subset=70000"], r"train\.train_subset: 70000 must be in \[1, 60000\], the MNIST training"),
     (["train.batch_size=127", "resources.workers_per_trial=2"],
-     r"train\.batch_size: 127 is the global batch and must be divisible by "
-                               r"resources\.workers_per_trial \(2\)"),
+     r"train\.batch_size: 127 is the global batch and must be divisible by the 2 DDP ranks of a trial "
+     r"\(resources\.workers_per_trial in a sweep\)"),
     (["grid.power=[true,1]"], r"grid\.power: 1 is not true \(APoT\) or false \(uniform\)"),
     (["grid.seed=[0,0]"], r"grid\.seed: 0 is listed twice"),
     (["grid.bit=[]"], r"grid\.bit: the list is empty"),

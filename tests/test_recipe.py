@@ -237,12 +237,12 @@ def test_one_source_of_train_defaults() -> None:
 
 
 @pytest.mark.parametrize("item,message", [
-    ("train.alpha_lr=0", r"--set train.alpha_lr=0: train.alpha_lr: 0.0 must be > 0 or null$"),
-    ("train.alpha_weight_decay=-1", r"train.alpha_weight_decay: -1.0 must be >= 0 or null$"),
+    ("train.alpha_lr=0", r"--set train.alpha_lr=0: train.alpha_lr: 0 must be > 0 or null$"),
+    ("train.alpha_weight_decay=-1", r"train.alpha_weight_decay: -1 must be >= 0 or null$"),
     ("train.act_alpha_init=mse", r"train.act_alpha_init: 'mse' must be 'calibrate' or a number > 0$"),
-    ("train.weight_alpha_init=0", r"train.weight_alpha_init: 0.0 must be 'mse' or a number > 0$"),
+    ("train.weight_alpha_init=0", r"train.weight_alpha_init: 0 must be 'mse' or a number > 0$"),
     ("train.ws_grad=yes please", r"train.ws_grad: 'yes please' must be true or false$"),
-    ("train.label_smoothing=1", r"train.label_smoothing: 1.0 must be a number in \[0, 1\)$"),
+    ("train.label_smoothing=1", r"train.label_smoothing: 1 must be a number in \[0, 1\)$"),
     ("train.preset=fast", r"train.preset: 'fast' is not a preset .*; allowed: default, paper$"),
     ("train.augment=flip", r"train.augment: 'flip' is not a training augmentation; allowed: shift, affine, "
                            r"none$"),

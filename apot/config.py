@@ -25,9 +25,11 @@ import yaml
 from apot.recipe import (
     ALPHA_INIT_CALIBRATE,
     ALPHA_INIT_MSE,
+    FP32_BIT,
     INIT_FROM_FP32,
     PRESETS,
     TrainConfig,
+    quantizer_name,
     train_defaults,
 )
 
@@ -45,7 +47,6 @@ __all__ = [
 ]
 
 GRID_KEYS = ("arch", "bit", "power", "seed")
-FP32_BIT = 32  # apot.quant.FULL_PRECISION (not imported: it imports torch)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SET_KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -94,8 +95,7 @@ def trial_name(point: Mapping[str, Any]) -> str:
     no quantizer: ``resnet18_fp32_s0``."""
     if point["bit"] == FP32_BIT:
         return f"{point['arch']}_fp32_s{point['seed']}"
-    quantizer = "apot" if point["power"] else "uniform"
-    return f"{point['arch']}_b{point['bit']}_{quantizer}_s{point['seed']}"
+    return f"{point['arch']}_b{point['bit']}_{quantizer_name(point['power'])}_s{point['seed']}"
 
 
 FROM_RECORD = "from_record"

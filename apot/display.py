@@ -50,6 +50,7 @@ from rich.table import Table
 from rich.text import Text
 
 from apot.config import FROM_RECORD, grid_point, trial_name
+from apot.recipe import FP32_BIT
 
 __all__ = [
     "QUIET_RAY_ENV",
@@ -138,7 +139,7 @@ class TrialRow:
     @property
     def label(self) -> str:
         """``resnet18 4-bit APoT s0``; full precision: ``resnet18 FP32 s0``."""
-        if self.bit == 32:
+        if self.bit == FP32_BIT:
             return f"{self.arch} FP32 s{self.seed}"
         return f"{self.arch} {self.bit}-bit {self.quantizer} s{self.seed}"
 

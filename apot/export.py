@@ -69,6 +69,7 @@ from apot.quant import (
     quantize_8bit,
     quantize_activation,
 )
+from apot.recipe import quantizer_name
 
 FORMAT = "apot-export/1"
 FP32_BITS = 32
@@ -203,7 +204,7 @@ def export_model(model: nn.Module, config: dict[str, Any], source: dict[str, Any
         "arch": str(config["arch"]),
         "bit": bit,
         "power": bool(config["power"]),
-        "quantizer": "apot" if config["power"] else "uniform",
+        "quantizer": quantizer_name(config["power"]),
         "width": int(config["width"]),
         "num_classes": int(fc["codes"].shape[0]) if fc else 10,
         "config": dict(config),

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 32)
+from apot.recipe import FP32_BIT
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, FP32_BIT)
 """Bit widths a model can be built with; 32 means full precision (no quantization)."""
 
-FULL_PRECISION = 32
+FULL_PRECISION = FP32_BIT
 LEVEL_BITS: tuple[int, ...] = tuple(b for b in SUPPORTED_BITS if b != FULL_PRECISION)
 """Bit widths that have a level set."""
 

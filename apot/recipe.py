@@ -27,6 +27,15 @@ __all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("shift", "affine", "none")
 MNIST_TRAIN_IMAGES = 60_000
+FP32_BIT = 32
+"""``bit`` of full precision: no quantizer anywhere (in a sweep, one trial per arch and seed: the ceiling)."""
+
+
+def quantizer_name(power: bool) -> str:
+    """The quantizer's name in trial names, records, results and exports: ``apot`` (additive powers of two,
+    ``power=True``) or ``uniform``."""
+    return "apot" if power else "uniform"
+
 """Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apot.atomic import atomic_write_bytes
+from apot.recipe import FP32_BIT, quantizer_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +79,6 @@ STATE_WORDS = {
     "PENDING": "pending",
     "MISSING": "missing",
 }
-FP32_BIT = 32  # full precision: one trial per arch x seed, shown in both tables
 MODEL_FAMILIES = {"resnet": "ResNet", "preresnet": "PreResNet", "vgg": "VGG", "lenet": "LeNet"}
 # Provenance keys shown first, in this order, with their labels; other scalar keys follow as "key: value".
 PROVENANCE_LABELS = {
@@ -106,7 +106,7 @@ def model_name(arch: str) -> str:
 
 def precision_cell(bit: int) -> str:
     """``5`` -> ``5-bit``; ``32`` (full precision) -> ``FP32``."""
-    return "FP32" if int(bit) == 32 else f"{int(bit)}-bit"
+    return "FP32" if int(bit) == FP32_BIT else f"{int(bit)}-bit"
 
 
 def hyper_params_cell(config: dict[str, Any]) -> str:
@@ -127,7 +127,7 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
 
     cell = f"batch{num('batch_size')}_lr{num('lr')}_wd{num('weight_decay')}_{num('epochs')}epoch"
     init_from = config.get("init_from")
-    if init_from is None or config.get("bit") == 32:
+    if init_from is None or config.get("bit") == FP32_BIT:
         return cell
     cell += "_fp32init" if init_from == "fp32" else "_init"
     return cell + (f"_kd{config['distill']:g}" if config.get("distill") else "")
@@ -375,7 +375,7 @@ def csv_text(records: list[dict[str, Any]]) -> str:
     for r in records:
         config = r.get("config") or {}
         row = {k: r.get(k) for k in CSV_COLUMNS}
-        row["quantizer"] = "apot" if r.get("power") else "uniform"
+        row["quantizer"] = quantizer_name(r.get("power"))
         for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule"):
             row[key] = config.get(key)
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
@@ -456,7 +456,7 @@ MIN_ERROR = 0.01  # percent: 100% accuracy is drawn as 99.99% (log of a zero err
 
 
 def _curve_label(bit: int, power: bool) -> str:
-    return "FP32" if int(bit) == 32 else f"{'APoT' if power else 'uniform'} {precision_cell(bit)}"
+    return "FP32" if int(bit) == FP32_BIT else f"{'APoT' if power else 'uniform'} {precision_cell(bit)}"
 
 
 def learning_curves_figure(records: list[dict[str, Any]], provenance: dict[str, Any]) -> Figure:
@@ -498,9 +498,10 @@ def learning_curves_figure(records: list[dict[str, Any]], provenance: dict[str, 
             accs += ys
             bit, power = int(r["bit"]), bool(r["power"])
             (line,) = ax.plot(xs, np.minimum(ys, 100.0 - MIN_ERROR), color=colour[bit],
-                              linestyle="-" if power or bit == 32 else "--", marker="o" if power else "s",
+                              linestyle="-" if power or bit == FP32_BIT else "--",
+                              marker="o" if power else "s",
                               markersize=3 if len(xs) <= 30 else 0, linewidth=1.3, alpha=0.85)
-            handles.setdefault((not power and bit != 32, -bit), line)
+            handles.setdefault((not power and bit != FP32_BIT, -bit), line)
         ax.set_yscale("function", functions=(forward, inverse))
         top = 100.0 - max(100.0 - max(accs), MIN_ERROR) / 2
         bottom = max(0.0, 100.0 - (100.0 - min(accs)) * 1.5)
@@ -637,7 +638,7 @@ def load_history(path: Path | str) -> pd.DataFrame:
     import pandas as pd
 
     records, provenance = _records_of(Path(path))
-    rows = [{"arch": r["arch"], "bit": r["bit"], "quantizer": "apot" if r["power"] else "uniform",
+    rows = [{"arch": r["arch"], "bit": r["bit"], "quantizer": quantizer_name(r["power"]),
              "seed": r.get("seed"), "state": r["state"], **h}
             for r in records for h in r.get("history") or []]
     df = pd.DataFrame(rows, columns=None if rows else ["arch", "bit", "quantizer", "seed", "state", "epoch"])

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from apot.config import trial_name
+
 MNIST_TRAIN = 60_000
 
 
@@ -29,7 +31,7 @@ def _trial_row(r: dict[str, Any]) -> dict[str, Any]:
     mem = [e.get("gpu_mem_mb") for e in h if e.get("gpu_mem_mb") is not None]
     subset = (r.get("config") or {}).get("train_subset") or MNIST_TRAIN
     return {
-        "trial": f"{r['arch']}_b{r['bit']}_{'apot' if r['power'] else 'uniform'}_s{r['seed']}",
+        "trial": trial_name(r),  # resnet18_b4_apot_s0, or resnet18_fp32_s0 at full precision
         "arch": r["arch"], "state": r.get("state"), "epochs": r.get("epochs_done", len(h)),
         "step_mode": r.get("step_mode"), "compile_s": r.get("compile_s"), "startup_s": r.get("startup_s"),
         "images_per_s": statistics.median(e["images_per_s"] for e in steady) if steady else None,

@@ -43,6 +43,7 @@ from apot.config import (
     trial_name,
 )
 from apot.data import MNISTDataError, ensure_mnist
+from apot.errors import exit_with_error
 from apot.ray_session import RaySetupError, check_ray_version, start_ray
 from apot.recipe import identity_changes
 from apot.sweep import (
@@ -109,10 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.config = str(default_config())
     return args
 
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def check_resume_matches(cfg: SweepConfig, experiment: Path) -> list[dict[str, Any]]:
@@ -410,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray on this host
                 check_resources(cfg, local_resources())
     except (ConfigError, MNISTDataError, RaySetupError, report.ReportError) as exc:
-        return fail(str(exc))
+        return exit_with_error(str(exc))
 
     extra: dict[str, Any] = {}
     if not args.report_only:
@@ -421,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             extra = run_sweep(cfg, args, experiment, stop, restore=args.resume and not added)
         except (ConfigError, RaySetupError) as exc:
-            return fail(str(exc))
+            return exit_with_error(str(exc))
         if stop.received is not None:
             mark_stopped(experiment, cfg.trials())
     elif not experiment.exists():
-        return fail(f"--report-only: no sweep at {experiment}; check --storage and the config's name")
+        return exit_with_error(f"--report-only: no sweep at {experiment}; check --storage and the config's "
+                               "name")
 
     records = collect_records(experiment, cfg.trials())
     if args.report_only:
@@ -440,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report.update_readme(readme_path(), tables, prov)
         except report.ReportError as exc:
-            return fail(str(exc))
+            return exit_with_error(str(exc))
     finished = sum(r["state"] == "TERMINATED" for r in records)
     if stop.received is not None:
         return 128 + stop.received

@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from apot.errors import exit_with_error, one_line
 from apot.recipe import AUGMENTS  # the training augmentations (the test split is never augmented)
 
 __all__ = [
@@ -240,10 +241,6 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray | torch.Tensor) ->
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def download_mnist(root: str | os.PathLike[str], train: bool = True) -> Path:
     """Download the four MNIST files into ``<root>/MNIST/raw`` via torchvision; returns that folder.
 
@@ -264,7 +261,7 @@ def download_mnist(root: str | os.PathLike[str], train: bool = True) -> Path:
             datasets.MNIST(str(root), train=train, download=True)
     except (URLError, RuntimeError, OSError) as e:
         raise MNISTDataError(
-            f"MNIST download into {raw_dir(root)} failed ({type(e).__name__}: {_one_line(str(e))[:400]}). "
+            f"MNIST download into {raw_dir(root)} failed ({type(e).__name__}: {one_line(e)[:400]}). "
             + _missing_message(root, [n for n in MNIST_FILES if _find(raw_dir(root), n) is None])
         ) from None
     finally:
@@ -682,8 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"MNIST root {root} ({raw_dir(root)})")
         print("\n".join(lines))
     except (MNISTDataError, ValueError, OSError) as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        return 1
+        return exit_with_error(e, code=1)
     return 0
 
 

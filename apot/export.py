@@ -61,6 +61,7 @@ from torch import nn
 
 from apot.atomic import atomic_write
 from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from apot.errors import exit_with_error
 from apot.layers import Conv2d8bit, Linear8bit, QuantConv2d
 from apot.models import create_model
 from apot.quant import (
@@ -571,8 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify_main(args.verify, args.data_dir, args.checkpoint)
         return _export_main(args.checkpoint, args.out)
     except (ExportError, CheckpointError, MNISTDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_with_error(exc)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from apot.checkpoint import (
     write_json,
 )
 from apot.data import DeviceMNIST, MNISTDataError, resolve_data_dir
+from apot.errors import exit_with_error
 from apot.models import create_model
 from apot.quant import FULL_PRECISION
 from apot.recipe import (
@@ -498,8 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         resume = load_checkpoint(out, asdict(cfg))
     except (ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_with_error(exc)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -515,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume)
     except (ValueError, MNISTDataError, CheckpointError) as exc:  # bad input: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_with_error(exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

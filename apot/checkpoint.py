@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from apot.atomic import atomic_write, atomic_write_bytes
+from apot.models import create_model
 from apot.recipe import identity_changes
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -90,6 +91,17 @@ def load_checkpoint(folder: Path, config: dict[str, Any] | None = None) -> dict[
                 "use another output folder or delete the checkpoint"
             )
     return state
+
+
+def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
+    """The model a checkpoint ``state`` holds: built from its ``config`` (arch, bit, power, width, ws_grad)
+    with its ``model`` weights loaded (strict), on the CPU, in train mode. Raises ``KeyError`` for a config
+    without arch, bit or width, and torch's ``RuntimeError`` when the weights do not fit that model."""
+    c = state["config"]
+    model = create_model(c["arch"], int(c["bit"]), power=bool(c.get("power", True)), width=int(c["width"]),
+                         ws_grad=bool(c.get("ws_grad", False)))
+    model.load_state_dict({k: v.detach().cpu() for k, v in state["model"].items()})
+    return model
 
 
 def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, Any]:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apot.atomic import atomic_write
-from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, model_from_state
 from apot.errors import exit_with_error
 from apot.layers import Conv2d8bit, Linear8bit, QuantConv2d
 from apot.models import create_model
@@ -435,8 +435,7 @@ def model_from_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any], 
         raise _fail(file, "a full-precision (bit 32) checkpoint has no quantized weights to export; "
                           f"export a trial with bit in {LEVEL_BITS}")
     try:
-        model = create_model(config["arch"], config["bit"], power=config["power"], width=config["width"])
-        model.load_state_dict(state["model"])
+        model = model_from_state(state)
     except (ValueError, RuntimeError, TypeError) as exc:
         problem = str(exc).strip().splitlines()[0][:160]
         raise _fail(file, f"model weights do not match its config ({problem})") from None
@@ -451,10 +450,7 @@ def model_from_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any], 
 
 def export_state(state: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
     """The export dict of an in-memory checkpoint ``state`` (``model`` state dict and ``config``)."""
-    config = state["config"]
-    model = create_model(config["arch"], config["bit"], power=config["power"], width=config["width"])
-    model.load_state_dict({k: v.detach().cpu() for k, v in state["model"].items()})
-    return export_model(model.eval(), config, source)
+    return export_model(model_from_state(state).eval(), state["config"], source)
 
 
 def write_export(export: dict[str, Any], out: Path | str) -> Path:

@@ -35,6 +35,7 @@ from apot.checkpoint import (
     load_checkpoint,
     load_init_state,
     load_init_weights,
+    model_from_state,
     save_checkpoint,
     write_json,
 )
@@ -168,12 +169,9 @@ def load_teacher(source: str, cfg: TrainConfig, device: torch.device) -> nn.Modu
         raise CheckpointError(f"distill: the teacher {INIT_FROM_FP32!r} names a sweep's FP32 trial; outside "
                               "a sweep give --init-from the checkpoint itself")
     state = load_init_state(source, cfg.arch, cfg.width)
-    saved = state["config"]
-    with torch.random.fork_rng(devices=[]):  # its random init must not move the trial's RNG (exact resume)
-        teacher = create_model(cfg.arch, int(saved["bit"]), power=bool(saved.get("power", True)),
-                               width=cfg.width, ws_grad=bool(saved.get("ws_grad", False)))
     try:
-        teacher.load_state_dict(state["model"])
+        with torch.random.fork_rng(devices=[]):  # its init must not move the trial's RNG (exact resume)
+            teacher = model_from_state(state)
     except RuntimeError as exc:
         raise CheckpointError(f"distill: {source}: its weights do not fit its own config "
                               f"({str(exc).strip().splitlines()[0][:160]})") from None

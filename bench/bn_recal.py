@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apot.checkpoint import load_checkpoint
+from apot.checkpoint import load_checkpoint, model_from_state
 from apot.data import DeviceMNIST
-from apot.models import create_model
 from apot.train import DistInfo, evaluate
 
 STATS_EPOCH = 10_000  # an epoch number no run trains: its permutation is the statistics' image order
@@ -40,11 +39,7 @@ def load_model(trial_dir: Path, epoch: int) -> tuple[nn.Module, dict]:
     state = load_checkpoint(trial_dir / f"checkpoint_epoch{epoch:03d}")
     if state is None:
         raise SystemExit(f"error: {trial_dir}: no checkpoint of epoch {epoch}")
-    c = state["config"]
-    model = create_model(c["arch"], c["bit"], power=c["power"], width=c["width"],
-                         ws_grad=c.get("ws_grad", False))
-    model.load_state_dict(state["model"])
-    return model, c
+    return model_from_state(state), state["config"]
 
 
 def reestimate_bn(model: nn.Module, data: DeviceMNIST, seed: int, images: int, augment: bool) -> nn.Module:

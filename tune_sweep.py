@@ -318,7 +318,7 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
     trainable = tune.with_resources(trial_driver, {"CPU": 0, "memory": 1})
 
     progress = SweepProgress(mode=args.display, concurrency=concurrency)
-    progress.add_trials(cfg.trials(), epochs=cfg.train["epochs"], name_fn=trial_name)
+    progress.add_trials(cfg.trials(), epochs=cfg.train["epochs"])
     for record in collect_records(experiment, cfg.trials()):
         progress.mark_record(record)
 

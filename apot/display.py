@@ -211,7 +211,6 @@ class SweepProgress:
         self.overall_every_s = overall_every_s
         self.refresh_per_second = refresh_per_second
         self.rows: dict[str, TrialRow] = {}
-        self.name_fn: Callable[[Mapping[str, Any]], str] = trial_name
         self._lock = threading.RLock()
         self._live: Live | None = None
         self._last_overall = -math.inf
@@ -220,11 +219,9 @@ class SweepProgress:
         self._started = clock()
 
     # ------------------------------------------------------------------------------------ rows and events
-    def add_trials(self, points: Iterable[Mapping[str, Any]], epochs: int,
-                   name_fn: Callable[[Mapping[str, Any]], str] = trial_name) -> None:
+    def add_trials(self, points: Iterable[Mapping[str, Any]], epochs: int) -> None:
         """Pre-populate a PENDING row per grid point (``arch``, ``bit``, ``power``, ``seed``), in order."""
         with self._lock:
-            self.name_fn = name_fn
             for point in points:
                 self._row(point, epochs)
 
@@ -324,7 +321,7 @@ class SweepProgress:
             self._state_line(row)
 
     def _row(self, point: Mapping[str, Any], epochs: int | None = None) -> TrialRow:
-        name = self.name_fn(point)
+        name = trial_name(point)
         row = self.rows.get(name)
         if row is None:
             row = TrialRow(name, point["arch"], int(point["bit"]), bool(point["power"]), point["seed"],

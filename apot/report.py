@@ -79,7 +79,7 @@ STATE_WORDS = {
     "PENDING": "pending",
     "MISSING": "missing",
 }
-MODEL_FAMILIES = {"resnet": "ResNet", "preresnet": "PreResNet", "vgg": "VGG", "lenet": "LeNet"}
+MODEL_FAMILIES = {"resnet": "ResNet"}  # the registry's families (apot.models), as the paper spells them
 # Provenance keys shown first, in this order, with their labels; other scalar keys follow as "key: value".
 PROVENANCE_LABELS = {
     "epochs": "epochs", "train_subset": "training images", "seeds": "seeds", "hardware": "hardware",

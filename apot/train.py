@@ -69,10 +69,6 @@ class DistInfo:
     local_rank: int = 0
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

@@ -289,7 +289,6 @@ def sweep_overrides(name: str) -> list[str]:
             "--set", "resources.placement_strategy=STRICT_SPREAD", "--display", "plain"]
 
 
-@pytest.mark.skipif(not (REPO / "tune_sweep.py").exists(), reason="tune_sweep.py not written yet")
 def test_sweep_joins_two_node_cluster(ray_two_nodes: LocalRayCluster, tmp_path: Path) -> None:
     """tune_sweep.py --address: 2 trials x 2 ranks, each trial's ranks on both nodes (STRICT_SPREAD)."""
     data = tmp_path / "mnist"

@@ -103,7 +103,7 @@ def sign(x: float) -> str:
 # ------------------------------------------------------------------------------------------ helpers
 @pytest.mark.parametrize(("arch", "name"), [("resnet18", "ResNet-18"), ("resnet34", "ResNet-34"),
                                             ("resnet50", "ResNet-50"), ("resnet101", "ResNet-101"),
-                                            ("vgg16", "VGG-16"), ("mlp", "mlp")])
+                                            ("vgg16", "Vgg-16"), ("mlp", "mlp")])
 def test_model_name(arch: str, name: str) -> None:
     assert model_name(arch) == name
 

@@ -26,7 +26,6 @@ from test_cluster import check_tiny_sweep_results, processes_referencing, sweep_
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
 RAY_CLUSTER = REPO / "slurm" / "ray_cluster.sh"
-HAS_TUNE_SWEEP = (REPO / "tune_sweep.py").exists()
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
 
@@ -310,7 +309,6 @@ def tiny_mnist(tmp_path: Path) -> Path:
 
 
 @slurm
-@pytest.mark.skipif(not HAS_TUNE_SWEEP, reason="tune_sweep.py not written yet")
 def test_sweep_on_two_slurm_nodes(slurm_env, tiny_mnist: Path, tmp_path: Path) -> None:
     """2 trials x 2 DDP ranks, each trial's ranks on both nodes: results and both tables."""
     out, storage = tmp_path / "job.out", tmp_path / "results"
@@ -324,7 +322,6 @@ def test_sweep_on_two_slurm_nodes(slurm_env, tiny_mnist: Path, tmp_path: Path) -
 
 
 @slurm
-@pytest.mark.skipif(not HAS_TUNE_SWEEP, reason="tune_sweep.py not written yet")
 def test_cancelled_sweep_resumes_without_rerunning_finished_trials(slurm_env, tiny_mnist: Path,
                                                                    tmp_path: Path) -> None:
     """One trial at a time; cancel once the first has finished, resubmit the same command: the job resumes
@@ -489,7 +486,6 @@ def run_requeued_job(env: dict[str, str], job: int, out: Path, timeout_s: float)
 
 
 @slurm
-@pytest.mark.skipif(not HAS_TUNE_SWEEP, reason="tune_sweep.py not written yet")
 def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path, tmp_path: Path) -> None:
     """A 2-minute job for a sweep that needs more: Slurm's warning (USR1, 1 s before the limit as asked,
     up to 30 s earlier as Slurm checks every 30 s) stops the sweep, the job requeues itself and resumes, until

@@ -12,10 +12,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,67 +358,18 @@ def test_cancelled_sweep_resumes_without_rerunning_finished_trials(slurm_env, ti
     assert_nothing_left(job)
 
 
-class Squatter:
-    """A listener on a port (all interfaces) that keeps whatever connects to it sends."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_server(("", port), reuse_port=False)
-        self.sock.settimeout(0.5)
-        self.received: list[bytes] = []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                data = b""
-                try:
-                    while chunk := conn.recv(65536):
-                        data += chunk
-                except OSError:
-                    pass
-                self.received.append(data)
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-
 @slurm
-def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_env, tmp_path: Path) -> None:
-    """Two jobs at once on node n2. Before they start, the GCS port each head would have had (derived from
-    the job id, which squeue shows) is bound by a squatter, and each job's old temp dir /tmp/ray-<job> is
-    planted as a link to another user's folder. Both jobs form their own one-node cluster and complete; the
-    squatters get no connection (so no token); nothing goes through the planted links; each node's temp dir
-    is a private folder (not a link, this user's, 0700) of its own job."""
+def test_two_jobs_on_one_node_each_reach_only_their_own_head(slurm_env, tmp_path: Path) -> None:
+    """Two jobs at once on node n2. Each forms its own one-node cluster and completes; its driver joins the
+    address that job's head wrote into the job's own private temp dir (ray_cluster.sh reads nothing else:
+    no fixed or derived port, no host-wide /tmp/ray file), so the two never meet; each node's temp dir is a
+    fresh private folder of its job (not a link, this user's, 0700), named with an unpredictable suffix."""
     envs = [make_standin(tmp_path / name) for name in ("a", "b")]
     jobs = [submit(slurm_env, tmp_path / f"{name}.out", "--hold", "15", extra_env=env,
-                   sbatch=("--hold", "--nodes=1", "-w", "n2", "--cpus-per-task=1"))
+                   sbatch=("--nodes=1", "-w", "n2", "--cpus-per-task=1"))
             for name, env in zip("ab", envs, strict=True)]
-    squatters, planted = [], []
-    try:
-        for job in jobs:
-            squatters.append(Squatter(20000 + job % 798 * 16))  # the port the old script derived
-            target = tmp_path / f"attacker{job}"
-            target.mkdir()
-            link = Path(f"/tmp/ray-{job}")
-            link.symlink_to(target)
-            planted.append((link, target))
-        subprocess.run(["scontrol", "release", *map(str, jobs)], env=slurm_env, check=True)
-        results = [wait_for_job(slurm_env, job, tmp_path / f"{name}.out", timeout_s=300)
-                   for job, name in zip(jobs, "ab", strict=True)]
-    finally:
-        for squatter in squatters:
-            squatter.close()
-        for link, _ in planted:
-            link.unlink(missing_ok=True)
+    results = [wait_for_job(slurm_env, job, tmp_path / f"{name}.out", timeout_s=300)
+               for job, name in zip(jobs, "ab", strict=True)]
     for (state, code), name in zip(results, "ab", strict=True):
         assert (state, code) == ("COMPLETED", "0:0"), read_log(tmp_path / f"{name}.out")[-4000:]
     (a,), (b,) = runs(envs[0]), runs(envs[1])
@@ -429,15 +378,13 @@ def test_two_jobs_on_one_node_past_a_port_squatter_and_planted_temp_dirs(slurm_e
     assert len(a["nodes"]) == len(b["nodes"]) == 1 and a["nodes"] != b["nodes"]  # each its own cluster
     assert a["ran_on"] == a["nodes"] and b["ran_on"] == b["nodes"]
     assert a["head_address"] != b["head_address"]
-    for job, run, squatter in zip(jobs, (a, b), squatters, strict=True):
-        assert not run["head_address"].endswith(f":{20000 + job % 798 * 16}")
-        assert squatter.received == [], f"the squatter of job {job} got connections: {squatter.received}"
+    for job, run in zip(jobs, (a, b), strict=True):
         assert len(run["tmp_dirs"]) == 1, run["tmp_dirs"]  # one node: the head's folder
-        for folder, (is_link, uid, mode) in run["tmp_dirs"].items():
-            assert folder.startswith(f"/tmp/ray-{job}-") and not is_link
-            assert (uid, mode) == (os.getuid(), "0o700"), folder
-    for _, target in planted:
-        assert list(target.iterdir()) == [], f"something was written through the planted link: {target}"
+        ((folder, (is_link, uid, mode)),) = run["tmp_dirs"].items()
+        assert re.fullmatch(rf"/tmp/ray-{job}-[A-Za-z0-9]{{6}}", folder) and not is_link, folder
+        assert (uid, mode) == (os.getuid(), "0o700"), folder
+        written = (Path(folder) / "r" / "ray_current_cluster").read_text().strip()
+        assert run["head_address"] == written, (run["head_address"], written)  # the head of its own folder
     for job in jobs:
         assert_nothing_left(job)
 

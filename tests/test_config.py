@@ -78,7 +78,8 @@ def test_to_dict_is_json_and_stable() -> None:
     cfg = load_config(SHIPPED)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d == cfg.to_dict()
-    assert set(d) == {"name", "storage", "data_dir", "max_retries", "grid", "train", "resources", "quick"}
+    assert set(d) == {"name", "storage", "data_dir", "max_retries", "grid", "train", "resources", "quick",
+                      "tracking"}
 
 
 def test_quick_applies_its_section_only_with_the_flag() -> None:

@@ -30,13 +30,14 @@ from apot import onnx_export as ox  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDTH = 2
-LOGIT_TOL = 1e-3
-"""Largest |ONNX logit - fake-quantized logit| allowed, relative to the largest |logit| (at least 1).
+BEYOND_ROUNDING = 0.05
+"""The tolerance: every image's logits within ``ox.ROUNDING_TOL`` (1e-4 of the largest |logit|) of the
+fake-quantized model's, except at most this share of the images, and no prediction changed.
 
-onnxruntime's convolutions sum in another order than PyTorch's (float32 rounding, ~1e-6 relative); a
-conv output that lands within that rounding of a midpoint can then take the neighbouring level in the next
-activation quantizer, which moves the logits by up to about one level step times a weight. The
-predictions must not change."""
+onnxruntime sums a convolution in another order than PyTorch (float32 rounding, ~1e-6 relative); a conv
+output within that rounding of a midpoint then takes the neighbouring level in the next activation
+quantizer and moves that image's logits by up to about one level step times a weight (measured on a
+trained ResNet-18 4-bit APoT: 2 images in 1,000, up to 1.1 of logits up to 12.6)."""
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,9 @@ def test_every_arch_bit_and_quantizer_round_trips(arch: str, batch, tmp_path: Pa
                 want = model(x)
             what = f"{arch} {bit}-bit {'APoT' if power else 'uniform'}"
             assert torch.equal(got.argmax(1), want.argmax(1)), what
-            diff = float((got - want).abs().max())
-            assert diff <= LOGIT_TOL * max(1.0, float(want.abs().max())), (what, diff)
+            diff = (got - want).abs().amax(1)
+            beyond = int((diff > ox.ROUNDING_TOL * max(1.0, float(want.abs().max()))).sum())
+            assert beyond <= BEYOND_ROUNDING * x.shape[0], (what, beyond, float(diff.max()))
             assert want.std(0).mean() > 1e-3, what  # the logits depend on the image: not a constant model
             _check_codes_not_weights(path, model, bit)
             meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -209,7 +211,8 @@ def test_cli_export_and_verify(trained: Path, synthetic_mnist_root: Path, tmp_pa
     lines = capsys.readouterr().out.splitlines()
     final_acc = json.loads((trained / "result.json").read_text())["final_test_acc"]
     assert lines[0].startswith(f"test accuracy of the ONNX model (onnxruntime CPU): {final_acc:.2f}% ")
-    assert "differing from the fake-quantized checkpoint: 0 of 256 (max |logit difference|" in lines[1]
+    assert re.search(r"differing from the fake-quantized checkpoint: 0 of 256 \(max \|logit difference\| "
+                     r"\S+; \d+ images beyond float32 rounding", lines[1]), lines[1]
     size_kb = file.stat().st_size / 1024
     assert lines[2].startswith(f"ONNX file {size_kb:.1f} KB (FP32 ")
     # another model of the same config as the reference: predictions differ, exit 1

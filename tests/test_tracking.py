@@ -42,7 +42,7 @@ def test_tracking_key_and_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                            ("''", r"'' is not a tracking URI")]:
         with pytest.raises(ConfigError, match=message):
             load_config(SHIPPED, overrides=[f"tracking.mlflow={value}"])
-    with pytest.raises(ConfigError, match=r"tracking\.colour: unknown key in tracking; allowed: mlflow"):
+    with pytest.raises(ConfigError, match=r"unknown key tracking\.colour; allowed at tracking: mlflow"):
         load_config(SHIPPED, overrides=["tracking.colour=red"])
 
 
@@ -101,7 +101,7 @@ def test_sweep_logs_one_run_per_trial_and_resume_continues_it(synthetic_mnist_ro
     with open(experiment / "results.csv") as f:
         results = {f"{row['arch']}_b{row['bit']}_{row['quantizer'].lower()}_s{row['seed']}": row
                    for row in csv.DictReader(f)}
-    runs = mlflow.search_runs(experiment_names=["apot_mnist"], output_format="list")
+    runs = client.search_runs([exp.experiment_id])
     by_trial = {run.data.tags["apot.trial"]: run for run in runs}
     assert len(runs) == 2 and sorted(by_trial) == sorted(results) == ["resnet10_b3_apot_s0",
                                                                      "resnet10_b3_uniform_s0"]

@@ -187,7 +187,7 @@ BAD_FILES = [
     ({"train": {"lr": 0}}, r"search_space\.yaml: train\.lr: 0 must be > 0"),
     ({"train": {"epochs": 0}}, r"search_space\.yaml: train\.epochs: 0 must be >= 1"),
     ({"epochz": 3}, r"search_space\.yaml: epochz: unknown key; allowed: name, storage, data_dir, "
-                    r"max_retries, grid, train, resources, quick$"),
+                    r"max_retries, grid, train, resources, tracking, quick$"),
     ({"train": {"epoch": 3}}, r"search_space\.yaml: train\.epoch: unknown key in train; allowed: epochs, "),
     ({"resources": {"gpus": 1}}, r"resources\.gpus: unknown key in resources; allowed: workers_per_trial"),
     ({"quick": {"train": {"epochz": 1}}}, r"search_space\.yaml: quick\.train\.epochz: unknown key in "

@@ -57,8 +57,9 @@ def export_path(experiment: Path, point: dict[str, Any]) -> Path:
 
 
 def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any]) -> dict[str, Any]:
-    """Export a finished trial's final checkpoint ``state`` to ``exports/<trial>.pt``; the record's export
-    fields (``export``: the path relative to the experiment, ``size_kb``, ``compression``).
+    """Export a finished trial's final checkpoint ``state`` to ``exports/<trial>.pt`` (and, with the onnx
+    extra, ``exports/<trial>.onnx``: `apot.onnx_export.export_trial_onnx`); the record's export fields
+    (``export``: the path relative to the experiment, ``size_kb``, ``compression``, ``onnx_export``).
 
     Never raises: a failure is returned as ``export_error`` (one line), so the trial's result stands.
     """
@@ -66,12 +67,13 @@ def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any])
     from apot.onnx_export import export_trial_onnx
 
     path = export_path(experiment, point)
-    epoch = int(state["epoch"])
-    checkpoint = Path(experiment) / "train" / trial_name(point) / checkpoint_dir_name(epoch)
-    source = {"checkpoint": str((checkpoint / CHECKPOINT_FILE).resolve()), "epoch": epoch,
-              "test_acc": state["history"][-1]["test_acc"] if state["history"] else None}
-    onnx = export_trial_onnx(state, source, path.with_suffix(".onnx"))  # {} without the onnx extra
+    onnx: dict[str, Any] = {}
     try:
+        epoch = int(state["epoch"])
+        checkpoint = Path(experiment) / "train" / trial_name(point) / checkpoint_dir_name(epoch)
+        source = {"checkpoint": str((checkpoint / CHECKPOINT_FILE).resolve()), "epoch": epoch,
+                  "test_acc": state["history"][-1]["test_acc"] if state["history"] else None}
+        onnx = export_trial_onnx(state, source, path.with_suffix(".onnx"))  # {} without the onnx extra
         export = export_state(state, source)
         write_export(export, path)
     except Exception as exc:

@@ -7,6 +7,7 @@
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
     python tune_sweep.py --dry-run            # print the resolved config, trials, resources; start nothing
+    python tune_sweep.py --mlflow sqlite:///mlflow.db   # also log every trial to MLflow (docs/TRACKING.md)
 
 `pip install .` installs this script as the command `apot-sweep` (same flags).
 
@@ -102,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the resolved config, the trials, their resources and the concurrency; no Ray")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[32,4,2]")
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="log every trial as an MLflow run (sqlite:///mlflow.db, a folder, http://host:port); "
+                        "overrides tracking.mlflow of the config; needs the mlflow extra")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
                    help="live rich table on a terminal, timestamped lines otherwise (default: auto)")
     args = p.parse_args(argv)
@@ -321,6 +325,11 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
     progress.add_trials(cfg.trials(), epochs=cfg.train["epochs"])
     for record in collect_records(experiment, cfg.trials()):
         progress.mark_record(record)
+    callbacks = [TuneDisplayCallback(progress)]
+    if cfg.tracking["mlflow"] is not None:
+        from apot.tracking import MLflowTracking
+
+        callbacks.append(MLflowTracking(cfg.tracking["mlflow"], cfg.name, experiment))
 
     tuner = None
     if restore and tune.Tuner.can_restore(str(experiment)):
@@ -328,7 +337,7 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
     if tuner is not None:
         # Tune pickles the RunConfig with the experiment; the display callback pickles to a no-op (it holds a
         # live console), so a restored sweep gets a fresh one. Tuner.restore has no callbacks argument.
-        tuner._local_tuner.get_run_config().callbacks = [TuneDisplayCallback(progress)]
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:  # a new sweep, or a resume without Tune's state: records and trial checkpoints carry the progress
         tuner = tune.Tuner(
             trainable,
@@ -340,7 +349,7 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
                 name=cfg.name,
                 storage_path=str(Path(cfg.storage).resolve()),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
-                callbacks=[TuneDisplayCallback(progress)],
+                callbacks=callbacks,
                 verbose=0,
             ),
         )
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config: {args.config} (the default; no ./{DEFAULT_CONFIG} here, --config to choose)")
     try:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
-                          storage=args.storage, data_dir=args.data_dir)
+                          storage=args.storage, data_dir=args.data_dir, mlflow=args.mlflow)
         experiment = Path(cfg.storage).resolve() / cfg.name
         if args.address is None or args.dry_run:
             cfg = resolve_resources(cfg, local_resources())
@@ -395,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             check_ray_version()
             ensure_mnist(cfg.data_dir)  # present, parseable, or downloaded: before any Ray start-up
+            if cfg.tracking["mlflow"] is not None:
+                from apot.tracking import check_tracking
+
+                check_tracking(cfg)  # the extra is installed and the store answers: before Ray starts
             if args.resume:
                 added = check_resume_matches(cfg, experiment)
                 if added:  # Tune's saved state holds the old grid: run_sweep starts a fresh Tuner

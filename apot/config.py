@@ -81,8 +81,13 @@ DEFAULTS: dict[str, Any] = {
         "max_concurrent_trials": None,
         "placement_strategy": "PACK",
     },
+    "tracking": {
+        "mlflow": None,
+    },
 }
-SECTIONS = ("grid", "train", "resources")
+SECTIONS = ("grid", "train", "resources", "tracking")
+# MLflow tracking URIs taken as they are; anything else without "://" is a local folder (a file store).
+MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 QUICK_KEY = "quick"
 
 
@@ -153,6 +158,7 @@ class SweepConfig:
         train: `apot.recipe.TrainConfig` fields shared by every trial (epochs, batch_size, lr, ...).
         resources: per-trial resources (`Resources`).
         quick: whether the ``quick:`` section was applied.
+        tracking: ``mlflow``: the MLflow tracking URI every trial is logged to (`apot.tracking`), or None.
     """
 
     name: str
@@ -163,6 +169,7 @@ class SweepConfig:
     train: dict[str, Any]
     resources: Resources = field(default_factory=Resources)
     quick: bool = False
+    tracking: dict[str, Any] = field(default_factory=lambda: {"mlflow": None})
 
     def trials(self) -> list[dict[str, Any]]:
         """Every grid point ``{"arch", "bit", "power", "seed"}``: arch, then bit, power, seed, as listed.
@@ -199,6 +206,7 @@ class SweepConfig:
             "train": dict(self.train),
             "resources": asdict(self.resources),
             "quick": self.quick,
+            "tracking": dict(self.tracking),
         }
 
 
@@ -467,6 +475,31 @@ def _validate_resources(c: _Checker, res: dict[str, Any]) -> Resources:
     return Resources(workers, cpus, gpus, concurrent, strategy, per_gpu)
 
 
+def _validate_tracking(c: _Checker, tracking: dict[str, Any]) -> dict[str, Any]:
+    """``tracking.mlflow``: null, a tracking URI (``sqlite:///mlflow.db``, ``http://host:5000``, ...) or a
+    local folder. Relative sqlite files and folders are made absolute: the stored sweep config then names
+    the same store from any working directory."""
+    uri = tracking["mlflow"]
+    if uri is None:
+        return {"mlflow": None}
+    if not isinstance(uri, str) or not uri.strip() or uri != uri.strip():
+        raise c.fail("tracking.mlflow", f"{uri!r} is not a tracking URI; give e.g. sqlite:///mlflow.db, "
+                                        "http://127.0.0.1:5000, a folder, or null for no tracking")
+    scheme, sep, rest = uri.partition(":")
+    if not sep or not rest.startswith("//") or len(scheme) < 2:  # a folder (C:\... too)
+        return {"mlflow": _path(c, "tracking.mlflow", uri)}
+    if scheme.split("+")[0] not in MLFLOW_SCHEMES:
+        raise c.fail("tracking.mlflow", f"{uri!r}: unknown scheme {scheme!r}; allowed: "
+                                        f"{', '.join(MLFLOW_SCHEMES)}, or a folder")
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///"):]
+        if not uri.startswith("sqlite:///") or not db or db == ":memory:":
+            raise c.fail("tracking.mlflow", f"{uri!r}: give a database file, sqlite:///FILE (relative) or "
+                                            "sqlite:////ABSOLUTE/FILE")
+        uri = "sqlite:///" + str(Path(db).expanduser().resolve())
+    return {"mlflow": uri}
+
+
 def _path(c: _Checker, key: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise c.fail(key, f"{value!r} is not a path")
@@ -480,6 +513,7 @@ def load_config(
     quick: bool = False,
     storage: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    mlflow: str | None = None,
 ) -> SweepConfig:
     """Read, merge and validate the sweep definition; raise `ConfigError` on the first problem.
 
@@ -489,6 +523,7 @@ def load_config(
         quick: apply the file's ``quick:`` section.
         storage: ``--storage`` (wins over the file and ``--set``).
         data_dir: ``--data-dir`` (wins over ``$APOT_DATA_DIR``, which wins over the file and ``--set``).
+        mlflow: ``--mlflow`` (wins over ``tracking.mlflow`` of the file and ``--set``).
     """
     from apot.data import ENV_DATA_DIR, resolve_data_dir
 
@@ -512,6 +547,9 @@ def load_config(
     if storage is not None:
         config["storage"] = storage
         origins["storage"] = "--storage"
+    if mlflow is not None:
+        config["tracking"]["mlflow"] = mlflow
+        origins["tracking.mlflow"] = "--mlflow"
     c = _Checker(origins, origin)
     _path(c, "data_dir", config["data_dir"])  # the file's value must be a path even when overridden
     if data_dir or os.environ.get(ENV_DATA_DIR):
@@ -539,6 +577,7 @@ def load_config(
         train=train,
         resources=resources,
         quick=quick,
+        tracking=_validate_tracking(c, config["tracking"]),
     )
 
 

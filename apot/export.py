@@ -4,6 +4,9 @@
     python -m apot.export --verify FILE --data-dir DIR [--checkpoint PATH]   # accuracy, differences, size
     model = apot.export.load(FILE)                                       # an nn.Module from the codes
 
+A FILE ending in ``.onnx`` is an ONNX graph that keeps the codes instead (``apot.onnx_export``; needs the
+``onnx`` extra); any other name is the format below.
+
 **What the fake-quantized forward computes, and so what is stored.** A ``QuantConv2d`` convolves
 ``alpha_a P_a(min(x / alpha_a, 1))`` with ``alpha_w P_w(w')``, ``w' = (w - mean w) / std w``: the weight it
 uses is ``alpha_w * weight_levels[i]`` for an integer index ``i`` per weight, in the standardised domain
@@ -73,6 +76,7 @@ from apot.quant import (
 from apot.recipe import quantizer_name
 
 FORMAT = "apot-export/1"
+ONNX_SUFFIX = ".onnx"  # --out / --verify FILE.onnx: apot.onnx_export
 FP32_BITS = 32
 KB = 1024
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -418,11 +422,12 @@ def find_checkpoint(path: Path | str) -> Path:
     return max(epochs)[1]
 
 
-def model_from_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def model_from_checkpoint(path: Path | str, allow_fp32: bool = False
+                          ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(fake-quantized model on CPU in eval mode, its config, source) of a trial checkpoint
     (``find_checkpoint``), read through ``apot.checkpoint.load_checkpoint``. One-line ``ExportError`` /
-    ``CheckpointError`` for an unreadable or foreign file, a bit-32 checkpoint, or a model that does not
-    match its config."""
+    ``CheckpointError`` for an unreadable or foreign file, a bit-32 checkpoint (unless ``allow_fp32``: the
+    ONNX export writes those as float graphs), or a model that does not match its config."""
     folder = find_checkpoint(path)
     state = load_checkpoint(folder)
     file = folder / CHECKPOINT_FILE
@@ -431,9 +436,9 @@ def model_from_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any], 
     config = state["config"]
     if not isinstance(config, dict) or any(k not in config for k in ("arch", "bit", "power", "width")):
         raise _fail(file, "not an apot checkpoint (its config lacks arch, bit, power or width)")
-    if config["bit"] == FULL_PRECISION:
+    if config["bit"] == FULL_PRECISION and not allow_fp32:
         raise _fail(file, "a full-precision (bit 32) checkpoint has no quantized weights to export; "
-                          f"export a trial with bit in {LEVEL_BITS}")
+                          f"export a trial with bit in {LEVEL_BITS} (or --out FILE.onnx: a float graph)")
     try:
         model = model_from_state(state)
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -498,11 +503,15 @@ def size_line(size: dict[str, Any]) -> str:
             f"1/{size['compression']:.2f} of FP32)")
 
 
-def _export_main(checkpoint: str, out: str) -> int:
+def _check_out(checkpoint: str, out: str) -> None:
     if Path(out).is_dir():
         raise _fail(out, "is a folder; --out takes the export file to write")
     if Path(out).resolve() == (find_checkpoint(checkpoint) / CHECKPOINT_FILE).resolve():
         raise _fail(out, "is the checkpoint itself; write the export to another file")
+
+
+def _export_main(checkpoint: str, out: str) -> int:
+    _check_out(checkpoint, out)
     model, config, source = model_from_checkpoint(checkpoint)
     export = export_model(model, config, source)
     path = write_export(export, out)
@@ -547,8 +556,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Export a trained quantized model as integer codes, or verify an export.")
     p.add_argument("--checkpoint", help="trial checkpoint: checkpoint.pt, its folder, a sweep trial folder "
                                         "or apot.train's --out (with --verify: overrides the stored one)")
-    p.add_argument("--out", help="export file to write")
-    p.add_argument("--verify", metavar="FILE", help="export file to check against the checkpoint")
+    p.add_argument("--out", help="export file to write (FILE.onnx: an ONNX graph of the codes, needs the "
+                                 "onnx extra; else apot's own format)")
+    p.add_argument("--verify", metavar="FILE", help="export file (.pt or .onnx) to check against the "
+                                                    "checkpoint")
     p.add_argument("--data-dir", default=None,
                    help="MNIST root for --verify (default: $APOT_DATA_DIR or ./data)")
     args = p.parse_args(argv)
@@ -560,12 +571,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apot import onnx_export
     from apot.data import MNISTDataError
 
     args = parse_args(argv)
     try:
         if args.verify is not None:
+            if Path(args.verify).suffix == ONNX_SUFFIX:
+                return onnx_export.verify_main(args.verify, args.data_dir, args.checkpoint)
             return _verify_main(args.verify, args.data_dir, args.checkpoint)
+        if Path(args.out).suffix == ONNX_SUFFIX:
+            _check_out(args.checkpoint, args.out)
+            return onnx_export.export_main(args.checkpoint, args.out)
         return _export_main(args.checkpoint, args.out)
     except (ExportError, CheckpointError, MNISTDataError) as exc:
         return exit_with_error(exc)

@@ -12,6 +12,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
+    exports/<trial>.onnx                   the same as an ONNX graph, with the onnx extra (apot.onnx_export)
     compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
     stopping                               present while a signal stops the sweep (tune_sweep.py)
@@ -56,25 +57,29 @@ def export_path(experiment: Path, point: dict[str, Any]) -> Path:
 
 
 def export_trial(state: dict[str, Any], experiment: Path, point: dict[str, Any]) -> dict[str, Any]:
-    """Export a finished trial's final checkpoint ``state`` to ``exports/<trial>.pt``; the record's export
-    fields (``export``: the path relative to the experiment, ``size_kb``, ``compression``).
+    """Export a finished trial's final checkpoint ``state`` to ``exports/<trial>.pt`` (and, with the onnx
+    extra, ``exports/<trial>.onnx``: `apot.onnx_export.export_trial_onnx`); the record's export fields
+    (``export``: the path relative to the experiment, ``size_kb``, ``compression``, ``onnx_export``).
 
     Never raises: a failure is returned as ``export_error`` (one line), so the trial's result stands.
     """
     from apot.export import export_state, write_export
+    from apot.onnx_export import export_trial_onnx
 
     path = export_path(experiment, point)
+    onnx: dict[str, Any] = {}
     try:
         epoch = int(state["epoch"])
         checkpoint = Path(experiment) / "train" / trial_name(point) / checkpoint_dir_name(epoch)
         source = {"checkpoint": str((checkpoint / CHECKPOINT_FILE).resolve()), "epoch": epoch,
                   "test_acc": state["history"][-1]["test_acc"] if state["history"] else None}
+        onnx = export_trial_onnx(state, source, path.with_suffix(".onnx"))  # {} without the onnx extra
         export = export_state(state, source)
         write_export(export, path)
     except Exception as exc:
-        return {"export": None, "export_error": _one_line(exc)}
+        return {"export": None, "export_error": _one_line(exc), **onnx}
     return {"export": str(path.relative_to(experiment)), "size_kb": export["size"]["size_kb"],
-            "compression": export["size"]["compression"]}
+            "compression": export["size"]["compression"], **onnx}
 
 
 def fp32_point(point: dict[str, Any]) -> dict[str, Any]:

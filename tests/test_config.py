@@ -79,7 +79,8 @@ def test_to_dict_is_json_and_stable() -> None:
     cfg = load_config(SHIPPED)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d == cfg.to_dict()
-    assert set(d) == {"name", "storage", "data_dir", "max_retries", "grid", "train", "resources", "quick"}
+    assert set(d) == {"name", "storage", "data_dir", "max_retries", "grid", "train", "resources", "quick",
+                      "tracking"}
 
 
 def test_quick_applies_its_section_only_with_the_flag() -> None:
@@ -187,7 +188,7 @@ BAD_FILES = [
     ({"train": {"lr": 0}}, r"search_space\.yaml: train\.lr: 0 must be > 0"),
     ({"train": {"epochs": 0}}, r"search_space\.yaml: train\.epochs: 0 must be >= 1"),
     ({"epochz": 3}, r"search_space\.yaml: epochz: unknown key; allowed: name, storage, data_dir, "
-                    r"max_retries, grid, train, resources, quick$"),
+                    r"max_retries, grid, train, resources, tracking, quick$"),
     ({"train": {"epoch": 3}}, r"search_space\.yaml: train\.epoch: unknown key in train; allowed: epochs, "),
     ({"resources": {"gpus": 1}}, r"resources\.gpus: unknown key in resources; allowed: workers_per_trial"),
     ({"quick": {"train": {"epochz": 1}}}, r"search_space\.yaml: quick\.train\.epochz: unknown key in "

@@ -1,8 +1,8 @@
 """Where MNIST lives and how it gets there: the data root, the four raw files, download, loading a split.
 
 Layout (torchvision's): ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (``.gz`` accepted
-when the plain file is absent). A missing, unreadable or invalid file raises `MNISTDataError` with one line
-that names the file and how to stage it.
+when the plain file is absent). A missing, unreadable or invalid file raises `MNISTDataError`: one line
+naming the file and, when files are missing, how to stage them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _find_file(raw: Path, name: str) -> Path | None:
 
 
 def missing_files(root: str | os.PathLike[str]) -> list[str]:
-    """The names in `MNIST_FILES` found under ``<root>/MNIST/raw`` neither plain nor ``.gz``."""
+    """The names in `MNIST_FILES` that ``<root>/MNIST/raw`` lacks (neither plain nor ``.gz``)."""
     return [name for name in MNIST_FILES if _find_file(raw_dir(root), name) is None]
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from synthetic_mnist import make_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = REPO / "slurm" / "ray_cluster.sh"
@@ -292,9 +293,7 @@ def sweep_overrides(name: str) -> list[str]:
 def test_sweep_joins_two_node_cluster(ray_two_nodes: LocalRayCluster, tmp_path: Path) -> None:
     """tune_sweep.py --address: 2 trials x 2 ranks, each trial's ranks on both nodes (STRICT_SPREAD)."""
     data = tmp_path / "mnist"
-    made = subprocess.run([sys.executable, "-m", "apot.data", "synthetic", "--data-dir", str(data),
-                           "--train", "512", "--test", "256"], cwd=REPO, capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
+    make_synthetic_mnist(data, n_train=512, n_test=256)
     out = subprocess.run([sys.executable, "tune_sweep.py", "--address", ray_two_nodes.address,
                           "--storage", str(tmp_path / "results"), "--data-dir", str(data),
                           *sweep_overrides("two_nodes")],

@@ -1,6 +1,6 @@
-"""Tests for apot.data: IDX parsing/validation, root resolution, synthetic sets, DeviceMNIST sharding and
-augmentation, and the `python -m apot.data` CLI. Every file read here is written by the test itself, except
-the optional check of the staged real MNIST root."""
+"""Tests for apot.data: IDX parsing/validation, root resolution, DeviceMNIST sharding and augmentation, the
+`python -m apot.data` CLI, and the tests' own synthetic set (tests/synthetic_mnist.py). Every file read here
+is written by the test itself, except the optional check of the staged real MNIST root."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from synthetic_mnist import make_synthetic_mnist
 
 from apot.data import (
     MNIST_FILES,
@@ -24,7 +25,6 @@ from apot.data import (
     MNISTDataError,
     load_split,
     main,
-    make_synthetic_mnist,
     normalize,
     raw_dir,
     read_idx,
@@ -229,6 +229,8 @@ def test_synthetic_set_is_valid_deterministic_and_learnable(
     means = torch.stack([tr_x[tr_y == c].float().mean(0) for c in range(10)])
     pred = torch.cdist(te_x.float().flatten(1), means.flatten(1)).argmin(1)
     assert (pred == te_y).float().mean() > 0.5
+    with pytest.raises(ValueError, match="n_train and n_test must be >= 1"):
+        make_synthetic_mnist(tmp_path, n_train=0)
 
 
 # ---------------------------------------------------------------------------------------------- DeviceMNIST
@@ -361,10 +363,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_synthetic_then_check(tmp_path: Path) -> None:
-    made = _cli("synthetic", "--data-dir", str(tmp_path), "--train", "64", "--test", "32", "--seed", "3")
-    assert made.returncode == 0, made.stderr
-    assert load_split(tmp_path, train=True)[0].shape == (64, 28, 28)
+def test_cli_check_counts_a_staged_root(tmp_path: Path) -> None:
+    make_synthetic_mnist(tmp_path, n_train=64, n_test=32, seed=3)
     checked = _cli("check", "--data-dir", str(tmp_path))
     assert checked.returncode == 0, checked.stderr
     assert "train: 64 images" in checked.stdout and "test: 32 images" in checked.stdout
@@ -385,8 +385,6 @@ def test_cli_main_bad_files_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["check", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "counts must match" in err
-    assert main(["synthetic", "--data-dir", str(tmp_path), "--train", "0"]) == 1
-    assert "n_train and n_test must be >= 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- real MNIST

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from synthetic_mnist import make_synthetic_mnist
 from test_cluster import check_tiny_sweep_results, processes_referencing, sweep_overrides, wait_until_gone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,9 +301,7 @@ def test_requeued_job_runs_again(slurm_env, standin, tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_mnist(tmp_path: Path) -> Path:
     data = tmp_path / "mnist"
-    made = subprocess.run([sys.executable, "-m", "apot.data", "synthetic", "--data-dir", str(data),
-                           "--train", "512", "--test", "256"], cwd=REPO, capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
+    make_synthetic_mnist(data, n_train=512, n_test=256)
     return data
 
 

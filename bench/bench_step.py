@@ -75,6 +75,15 @@ class Step:
             return time.perf_counter() - start
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["resnet18", "resnet34", "resnet50"])
@@ -113,7 +122,7 @@ def measure(configs: dict[tuple, Callable[[], float]], rounds: int, warmup: int)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     layouts = sorted({"nchw" if m == "nchw" else "channels_last" for m in args.modes}, reverse=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     lines = [f"{machine}; "
              f"width {args.width}, batch {args.batch}, 1x28x28; median of {args.steps} steps after "
              f"{args.warmup} warm-up, configurations interleaved in one process", ""]

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apot import fused
+
 STEP_MODES = ("auto", "eager", "compile", "cudagraph")
 CPU_AUTO_MODE = "eager"
 """What ``auto`` means on a CPU: the fastest CPU step measured (docs/PERFORMANCE.md). Eager on the CPU runs
@@ -163,8 +165,9 @@ class TrainStep:
     Attributes:
         mode: the concrete mode (eager, compile, cudagraph).
         memory_format: the layout the batch is put in before the forward (`step_memory_format`).
-        setup_s: wall seconds of the calls that compiled or captured (their training work included); 0 for
-            eager. What a trial records as its compile time.
+        setup_s: wall seconds of the calls that compiled or captured (their training work included), and on
+            a CPU the build of the quantizers' kernels (`apot.fused.prepare`, about a second once per machine,
+            else 0). What a trial records as its compile time.
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
@@ -200,6 +203,8 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
+        if self.steps == 1 and x.device.type == "cpu":
+            self.setup_s += fused.prepare()
         if self.mode == "eager" or (self.mode == "compile" and self.steps > 1):
             return self._eager_step(x, y)
         if self._graph is not None:

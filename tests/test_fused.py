@@ -29,7 +29,8 @@ CL = torch.channels_last
 CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs_kernels = pytest.mark.skipif(fused.library() is None, reason=f"fused kernels not built: {fused.error()}")
+needs_kernels = pytest.mark.skipif(fused.library() is None,
+                                   reason=f"fused kernels not built: {fused.error()}")
 
 
 def _near_every_midpoint(level_set: torch.Tensor, scale: float, shape: tuple[int, ...]) -> torch.Tensor:
@@ -150,7 +151,8 @@ def test_cpu_step_matches_the_plain_nchw_eager_step(arch: str, bit: int, power: 
     fast = _forward_backward(arch, bit, power, step_format, kernels=True)
     plain = _forward_backward(arch, bit, power, step_format, kernels=False)
     alphas = [k for k in fast if k.endswith(("weight_alpha.grad", "act_alpha.grad"))]
-    assert len(alphas) == 2 * sum(isinstance(m, QuantConv2d) for m in create_model(arch, bit, width=4).modules())
+    convs = sum(isinstance(m, QuantConv2d) for m in create_model(arch, bit, width=4).modules())
+    assert len(alphas) == 2 * convs
     alpha_scale = max(plain[k].abs().item() for k in alphas)
     for key in fast:
         if key in alphas:
@@ -180,7 +182,8 @@ def test_the_built_cpu_step_runs_channels_last_through_the_kernels() -> None:
         step = build_step(model, opt, F.cross_entropy, mode="eager", device=CPU)
         gen = torch.Generator().manual_seed(2)
         with contextlib.nullcontext() if kernels else fused.disabled():
-            loss, _ = step(torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+            x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            loss, _ = step(x, y)
         results.append((loss, dict(model.named_parameters())))
     assert step.memory_format == CL and seen[0] == (True, True) and seen[1][0]
     (fast_loss, fast), (plain_loss, plain) = results

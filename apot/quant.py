@@ -11,7 +11,10 @@ Public pieces:
     ``lookup_table`` / ``project_table``   the same projection through a lookup table, 2-3x faster on CPU;
                       ``TABLE_SCALE`` pads every table to one shape (one compiled graph for all variants)
     ``nearest_level`` the projection the quantizers call (the table when given one, else ``project``)
-    ``WeightQuantFn`` / ``ActQuantFn``   the custom autograd of the weight and activation quantizers
+    ``standardisation`` / ``standardise``   the weight's centring and unbiased std (one computation for both
+                      weight quantizers and the calibration)
+    ``WeightQuantFn`` / ``ActQuantFn``   the custom autograd of the weight and activation quantizers (float32
+                      CPU tensors through the fused kernels of `apot.fused`, others as torch operations)
     ``quantize_weight`` / ``quantize_activation`` / ``quantize_8bit``   the functions the layers call
     ``QuantConfig``   (bit, power), validated at construction
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from apot import fused
 from apot.recipe import FP32_BIT
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, FP32_BIT)
@@ -162,20 +166,36 @@ def _padded_scale() -> int:
     )
 
 
+def in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` as a 1-D tensor in the order they lie in memory: a view for contiguous and
+    ``channels_last`` tensors (``reshape(-1)`` would copy the latter), a copy in logical order otherwise.
+    ``torch.empty_like(t)`` has the same order, so an elementwise result can be written through it."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return t.reshape(-1)
+
+
 def project_table(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``project(u, level_set)`` through ``table = lookup_table(level_set)``; the same values, bit for bit.
 
     Bin k = floor(u * S) + S (exact: S is a power of two; clamped to the table), then one gather of the bin's
     midpoint, one compare, one gather of the level: a few cheap passes instead of a binary search per
     element. Needs ``u.dtype == table.dtype`` (the midpoints are rounded for that dtype). NaN maps to the
-    level at -1 (or 0).
+    level at -1 (or 0). The result has ``u``'s memory layout (NCHW or ``channels_last``).
     """
     bins = table.shape[1]
     scale = bins // 2
-    flat = u.reshape(-1)
+    flat = in_memory_order(u)
     k = (flat * scale).floor_().add_(scale).clamp_(0, bins - 1).nan_to_num_(0).int()
     k.add_(flat > table[0].index_select(0, k), alpha=bins)  # column k of row 1, or of row 2 if above
-    return table[1:].reshape(-1).index_select(0, k).reshape(u.shape)
+    levels_of_bins = table[1:].reshape(-1)
+    if not (u.is_contiguous() or (u.dim() == 4 and u.is_contiguous(memory_format=torch.channels_last))):
+        return levels_of_bins.index_select(0, k).reshape(u.shape)
+    out = torch.empty_like(u)  # u's layout; written in memory order through its 1-D view
+    torch.index_select(levels_of_bins, 0, k, out=in_memory_order(out))
+    return out
 
 
 TABLE_SCALE: int = _padded_scale()
@@ -225,8 +245,25 @@ def _project_and_save(ctx, u: torch.Tensor, alpha: torch.Tensor, level_set, tabl
 
 
 def _alpha_grad(ctx, g: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
-    """dL/dalpha = sum g * slope, in alpha's shape."""
+    """dL/dalpha = sum g * slope, in alpha's shape (summed in memory order when both share a layout)."""
+    if g.stride() == slope.stride():
+        return torch.dot(in_memory_order(g), in_memory_order(slope)).reshape(ctx.alpha_shape)
     return torch.dot(g.reshape(-1), slope.reshape(-1)).reshape(ctx.alpha_shape)
+
+
+def _bound(value: float, dtype: torch.dtype) -> float:
+    """``value`` moved one float outwards, as `_keep_within` moves its bounds (the fused kernels' mask)."""
+    return value * (1 + torch.finfo(dtype).eps)
+
+
+def standardisation(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean(w), w - mean(w), std(w)) with the unbiased std sqrt(sum (w - mean)^2 / (n - 1)), two-pass
+    (faster than ``torch.std`` on a CPU). Differentiable; both weight quantizers and the calibration use
+    it."""
+    mean = w.mean()
+    centred = w - mean
+    flat = centred.reshape(-1)
+    return mean, centred, (torch.dot(flat, flat) / (flat.numel() - 1)).sqrt()
 
 
 class WeightQuantFn(torch.autograd.Function):
@@ -241,14 +278,25 @@ class WeightQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, alpha, level_set, table):
-        centred = w - w.mean()
-        flat = centred.reshape(-1)
-        std = (torch.dot(flat, flat) / (flat.numel() - 1)).sqrt()  # two-pass; faster than torch.std on CPU
-        u = centred.div_(std * alpha)  # w' / alpha; the levels span [-1, 1], so P(u) == P(clip(u))
+        mean, centred, std = standardisation(w)
+        scale = std * alpha
+        ctx.fused = fused.usable(w, table)
+        if ctx.fused:  # one pass: u = (w - mean) / scale recomputed per element, exactly as below
+            ctx.save_for_backward(w, alpha, table, mean, scale, std)
+            ctx.alpha_shape = alpha.shape
+            return fused.weight_forward(w, mean.item(), scale.item(), alpha.item(), table)
+        u = centred.div_(scale)  # w' / alpha; the levels span [-1, 1], so P(u) == P(clip(u))
         return _project_and_save(ctx, u, alpha, level_set, table, std)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.fused:
+            w, alpha, table, mean, scale, std = ctx.saved_tensors
+            grad_w, total = fused.weight_backward(
+                w, g, mean.item(), scale.item(), std.item(), table, _bound(-1.0, w.dtype),
+                _bound(1.0, w.dtype), ctx.needs_input_grad[0])
+            grad_alpha = torch.tensor(total, dtype=alpha.dtype).reshape(ctx.alpha_shape)
+            return grad_w, grad_alpha if ctx.needs_input_grad[1] else None, None, None
         u, q, std = ctx.saved_tensors
         grad_w = grad_alpha = None
         if ctx.needs_input_grad[0]:
@@ -270,11 +318,22 @@ class ActQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, level_set, table):
+        ctx.fused = fused.usable(x, table)
+        if ctx.fused:  # one pass; backward recomputes u and P(u) from x (kept alive by the ReLU anyway)
+            ctx.save_for_backward(x, alpha, table)
+            ctx.alpha_shape = alpha.shape
+            return fused.act_forward(x, alpha.item(), table)
         # the levels span [0, 1], so P(u) == P(min(u, 1))
         return _project_and_save(ctx, x / alpha, alpha, level_set, table)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.fused:
+            x, alpha, table = ctx.saved_tensors
+            grad_x, total = fused.act_backward(x, g, alpha.item(), table, _bound(1.0, x.dtype),
+                                               ctx.needs_input_grad[0])
+            grad_alpha = torch.tensor(total, dtype=alpha.dtype).reshape(ctx.alpha_shape)
+            return grad_x, grad_alpha if ctx.needs_input_grad[1] else None, None, None
         u, q = ctx.saved_tensors
         grad_x = grad_alpha = None
         if ctx.needs_input_grad[0]:
@@ -295,10 +354,23 @@ class StandardisedWeightQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ws, alpha, level_set, table):
+        ctx.fused = fused.usable(ws, table)
+        if ctx.fused:  # the weight kernels with mean 0, scale alpha: u = (ws - 0) / alpha == ws / alpha
+            ctx.save_for_backward(ws, alpha, table)
+            ctx.alpha_shape = alpha.shape
+            return fused.weight_forward(ws, 0.0, alpha.item(), alpha.item(), table)
         return _project_and_save(ctx, ws / alpha, alpha, level_set, table)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.fused:
+            ws, alpha, table = ctx.saved_tensors
+            grad_alpha = None
+            if ctx.needs_input_grad[1]:
+                _, total = fused.weight_backward(ws, g, 0.0, alpha.item(), 1.0, table, _bound(-1.0, ws.dtype),
+                                                 _bound(1.0, ws.dtype), False)
+                grad_alpha = torch.tensor(total, dtype=alpha.dtype).reshape(ctx.alpha_shape)
+            return g, grad_alpha, None, None
         u, q = ctx.saved_tensors
         grad_alpha = None
         if ctx.needs_input_grad[1]:
@@ -308,9 +380,9 @@ class StandardisedWeightQuantFn(torch.autograd.Function):
 
 
 def standardise(w: torch.Tensor) -> torch.Tensor:
-    """(w - mean(w)) / std(w), unbiased std: the weight the weight quantizer clips and projects."""
-    centred = w - w.mean()
-    return centred / centred.std()
+    """w' = (w - mean(w)) / std(w) (`standardisation`): the weight the weight quantizer clips and projects."""
+    _, centred, std = standardisation(w)
+    return centred / std
 
 
 def quantize_weight(

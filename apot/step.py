@@ -40,12 +40,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apot import fused
+
 STEP_MODES = ("auto", "eager", "compile", "cudagraph")
 CPU_AUTO_MODE = "eager"
-"""What ``auto`` means on a CPU. Compiling is not shown to pay off there: the compiled CPU step was not
-measured to completion on the (heavily shared) 2-core machine this was built on, and every CPU test and
-quick sweep would pay a compile of minutes (docs/EXPERIMENTS.md, "Step cost and CPU layout"). ``compile`` is
-one setting away (``--set train.compile=compile``)."""
+"""What ``auto`` means on a CPU: the fastest CPU step measured (docs/PERFORMANCE.md). Eager on the CPU runs
+``channels_last`` (`step_memory_format`) with the quantizers' fused kernels (`apot.fused`, built once per
+machine in about a second); ``torch.compile`` of the whole model compiled for minutes and then stepped
+slower than eager. ``compile`` is one setting away (``--set train.compile=compile``)."""
 COMPILE_BACKEND = os.environ.get("APOT_COMPILE_BACKEND", "inductor")
 """``torch.compile`` backend. ``aot_eager`` traces the same forward and backward graphs (Dynamo +
 AOTAutograd) but runs them without code generation: for debugging numerics, and for the DDP test on CPU."""
@@ -83,6 +85,23 @@ def resolve_mode(mode: str, device: torch.device, world_size: int = 1) -> str:
         raise ValueError(f"compile: cudagraph captures a single-rank step, this trial has {world_size} DDP "
                          "ranks; use compile (or auto), or resources.workers_per_trial: 1")
     return mode
+
+
+def step_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the step's activations: ``channels_last`` on a CPU, where BatchNorm and the
+    convolutions run faster in it at these image sizes (docs/PERFORMANCE.md), else contiguous (NCHW).
+    Only the batch is converted; the convolutions then hand the layout on. Parameters stay NCHW."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def in_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` with the strides of ``memory_format``, also for one channel (where ``x.contiguous(memory_format=
+    torch.channels_last)`` keeps the NCHW strides, and the first convolution would answer in NCHW)."""
+    if memory_format == torch.contiguous_format or x.dim() != 4:
+        return x.contiguous()
+    if x.stride(1) == 1 and x.is_contiguous(memory_format=memory_format):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format).copy_(x)
 
 
 def use_compile_cache(folder: str | os.PathLike[str]) -> Path:
@@ -145,13 +164,17 @@ class TrainStep:
 
     Attributes:
         mode: the concrete mode (eager, compile, cudagraph).
-        setup_s: wall seconds of the calls that compiled or captured (their training work included); 0 for
-            eager. What a trial records as its compile time.
+        memory_format: the layout the batch is put in before the forward (`step_memory_format`).
+        setup_s: wall seconds of the calls that compiled or captured (their training work included), and on
+            a CPU the build of the quantizers' kernels (`apot.fused.prepare`, about a second once per machine,
+            else 0). What a trial records as its compile time.
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
-                 world_size: int = 1, teacher: nn.Module | None = None) -> None:
+                 world_size: int = 1, teacher: nn.Module | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
+        self.memory_format = memory_format
         self.teacher = teacher
         self.world_size = world_size
         self.setup_s = 0.0
@@ -163,6 +186,7 @@ class TrainStep:
         self._static: tuple[torch.Tensor, ...] = ()
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = in_layout(x, self.memory_format)
         logits = self.net(x)
         if self.teacher is None:
             return self.loss_fn(logits, y), logits
@@ -179,6 +203,8 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
+        if self.steps == 1 and x.device.type == "cpu":
+            self.setup_s += fused.prepare()
         if self.mode == "eager" or (self.mode == "compile" and self.steps > 1):
             return self._eager_step(x, y)
         if self._graph is not None:
@@ -237,6 +263,7 @@ class TrainStep:
 def build_step(
     net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *, mode: str = "auto",
     device: torch.device, world_size: int = 1, teacher: nn.Module | None = None,
+    memory_format: torch.memory_format | None = None,
 ) -> TrainStep:
     """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper).
 
@@ -248,6 +275,7 @@ def build_step(
         mode: one of `STEP_MODES` (``auto`` resolves with `resolve_mode`).
         device, world_size: where the step runs and the number of DDP ranks.
         teacher: a frozen model in eval mode whose logits the loss distils from, or None.
+        memory_format: the batch's layout in the step; None: `step_memory_format` of ``device``.
     """
     concrete = resolve_mode(mode, device, world_size)
     if concrete == "cudagraph":
@@ -259,4 +287,5 @@ def build_step(
         # x / alpha onto the levels, so a last-bit difference could move a value across a midpoint.
         if hasattr(inductor_config, "eager_numerics"):
             inductor_config.eager_numerics.division_rounding = True
-    return TrainStep(net, optimizer, loss_fn, concrete, world_size, teacher)
+    memory_format = step_memory_format(device) if memory_format is None else memory_format
+    return TrainStep(net, optimizer, loss_fn, concrete, world_size, teacher, memory_format)

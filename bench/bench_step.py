@@ -1,199 +1,194 @@
-"""Time one training step (forward, backward, SGD step) of a quantized ResNet against full precision.
+"""Time the training step (forward, backward, SGD step) per arch and step variant, quantized against FP32.
 
-    python bench/bench_step.py                      # ResNet-18 width 16, batch 128, 1x28x28, CPU
-    python bench/bench_step.py --threads 1 --steps 30
-    python bench/bench_step.py --modes eager compile --bits 4 --projections table   # eager vs compiled
-    python bench/bench_step.py --device cuda --modes eager compile cudagraph --bits 4 --projections table
+    python bench/bench_step.py                                  # resnet18/34/50, 2 bits APoT, 1 and 2 threads
+    python bench/bench_step.py --bits 5 4 3 2 --quantizers apot uniform --threads 1 --modes eager --grid
+    python bench/bench_step.py --markdown table.md              # also write the Markdown tables to a file
+    python bench/bench_step.py --device cuda --modes eager compile cudagraph --bits 4 --archs resnet18
 
-For every bit width and quantizer (APoT, uniform) the step is timed with three projections onto the levels,
-all in the same process and interleaved round by round so that drift (other jobs on the machine, thermal
-state) hits every column alike:
+Step variants (``--modes``), all built by ``apot.step.build_step`` on the same batch:
 
-    table      what apot's layers use: ``apot.quant.project_table`` (an exact lookup table)
-    bucketize  ``apot.quant.project``: ``torch.bucketize`` on the midpoints of the levels
-    reference  the paper's code: ``(x.unsqueeze(0) - levels.view(-1, 1, ...)).abs().min(dim=0)``, a
-               (levels x elements) temporary; sign and magnitude for the weights; ``round()`` for uniform
+    nchw           CPU: the plain step: NCHW activations, quantizers as torch operations (``fused.disabled``)
+    channels_last  CPU: ``channels_last`` activations, quantizers as torch operations
+    eager          what apot runs eagerly: on a CPU ``channels_last`` and the quantizers' fused kernels
+                   (``apot.fused``); on CUDA the plain eager step
+    compile        ``torch.compile`` (its compile seconds are printed, not timed)
+    cudagraph      CUDA: the compiled step replayed as one CUDA graph
 
-Only the projection is swapped (``apot.quant.nearest_level``); the rest of the step is apot's. The table
-reports the median ms/step of the ``table`` projection and, for each projection, the ratio of its median
-step to the median full-precision step.
+For each thread count (``--threads``, set with ``torch.set_num_threads`` in this one process) every
+configuration (arch x quantizer x bits x variant, and FP32 in each layout) gets its own model (seed 0) and is
+stepped once per round, the rounds interleaved and rotated so that load changes on a shared machine hit every
+configuration alike. Reported: the median ms/step, images/s, the ratio to the FP32 step of the same variant
+(``channels_last`` is compared with FP32 ``eager``: FP32 has no quantizer to fuse), the speed-up over
+``nchw`` and the compile seconds. With ``--grid``
+(1 thread, every bit width of the default sweep and both quantizers measured) it also prints the ideal time of
+the one-seed 27-trial grid (3 archs x (FP32 + 4 bits x 2 quantizers), 25 epochs of 60,000 images) on
+``--cores`` cores running one single-thread trial each, from the ``eager`` rates.
 
-``--modes``: the step is built by ``apot.step.build_step`` in each mode (eager, compile, cudagraph; the
-other projections are timed eagerly only). Every mode is timed in the same process, interleaved with the
-others; FP32 gets its own step per mode, so each mode's ratio is to its own full-precision step. The
-compile seconds (the first call, or the warm-up and capture for cudagraph) and the largest loss difference
-to the eager step on the same batches are printed per configuration.
+Run against another checkout (``PYTHONPATH=<checkout>``) without ``apot.fused``, only ``--modes nchw`` exists:
+the figures of that code in the same conditions.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-import apot.quant
 from apot.models import create_model
 from apot.step import WARMUP_STEPS, build_step
 
-PROJECTIONS = ("table", "bucketize", "reference")
+try:
+    from apot import fused
+except ImportError:  # a checkout from before the fused kernels: only the nchw variant
+    fused = None
 
-
-def reference_projection(power: bool) -> Callable[..., torch.Tensor]:
-    """The paper's projection: exhaustive |x - level| search (APoT) or round() (uniform)."""
-
-    def nearest(u: torch.Tensor, level_set: torch.Tensor | None,
-                table: torch.Tensor | None = None) -> torch.Tensor:
-        level_set = apot.quant.table_levels(table) if level_set is None else level_set  # layers pass tables
-        signed = bool(level_set[0] < 0)
-        if not power:
-            steps = (level_set.numel() - 1) // 2 if signed else level_set.numel() - 1
-            return (u.clamp(-1 if signed else 0, 1) * steps).round() / steps
-        values = level_set[level_set >= 0].to(u.dtype) if signed else level_set.to(u.dtype)
-        x = u.clamp(-1, 1).abs() if signed else u.clamp(0, 1)
-        index = (x.unsqueeze(0) - values.view(-1, *([1] * x.dim()))).abs().min(dim=0)[1]
-        return values[index] * u.sign() if signed else values[index]
-
-    return nearest
-
-
-def bucketize_projection(u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None):
-    return apot.quant.project(u, apot.quant.table_levels(table) if level_set is None else level_set)
+MODES = ("nchw", "channels_last", "eager", "compile", "cudagraph")
+CPU_ONLY = ("nchw", "channels_last")
+GRID_BITS = (5, 4, 3, 2)
+EPOCH_IMAGES, EPOCHS = 60_000, 25
 
 
 class Step:
-    """One SGD step of a fresh model (seed 0) on a fixed random batch, built by ``apot.step.build_step`` in
-    ``mode``; keeps every step's loss (to compare modes) and the build's compile seconds."""
+    """One SGD step of a fresh model (seed 0) on a fixed random batch in one step variant."""
 
-    def __init__(self, bit: int, power: bool, args: argparse.Namespace, mode: str = "eager") -> None:
+    def __init__(self, arch: str, bit: int, power: bool, mode: str, args: argparse.Namespace) -> None:
+        self.device = torch.device(args.device)
         gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(args.batch, 1, 28, 28, generator=gen).to(args.device)
-        self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(args.device)
+        self.x = torch.randn(args.batch, 1, 28, 28, generator=gen).to(self.device)
+        self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(self.device)
         torch.manual_seed(0)
-        model = create_model(args.arch, bit=bit, power=power, width=args.width).to(args.device)
+        model = create_model(arch, bit=bit, power=power, width=args.width).to(self.device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        self.step = build_step(model, opt, F.cross_entropy, mode=mode, device=torch.device(args.device))
-        self.losses: list[torch.Tensor] = []
+        kwargs = {}
+        if mode in CPU_ONLY and "memory_format" in inspect.signature(build_step).parameters:
+            kwargs["memory_format"] = torch.contiguous_format if mode == "nchw" else torch.channels_last
+        self.step = build_step(model, opt, F.cross_entropy, mode="eager" if mode in CPU_ONLY else mode,
+                               device=self.device, **kwargs)
+        self.unfused = mode in CPU_ONLY and fused is not None
 
-    def __call__(self) -> None:
-        self.losses.append(self.step(self.x, self.y)[0].clone())
+    def __call__(self) -> float:
+        """Seconds of one step."""
+        with fused.disabled() if self.unfused else contextlib.nullcontext():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.step(self.x, self.y)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
 
 
-def make_step(bit: int, power: bool, args: argparse.Namespace, mode: str = "eager") -> Step:
-    """A callable running one SGD step (see ``Step``)."""
-    return Step(bit, power, args, mode)
-
-
-def timed(step: Callable[[], None], projection: Callable | None, device: str) -> float:
-    """Seconds for one step with ``projection`` patched in (None: apot's own)."""
-    patch = contextlib.nullcontext()
-    if projection is not None:
-        patch = mock.patch.object(apot.quant, "nearest_level", projection)
-    with patch:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=15, help="timed rounds (one step per configuration each)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--bits", type=int, nargs="+", default=[5, 4, 3, 2])
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--archs", nargs="+", default=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--bits", type=int, nargs="+", default=[2])
+    p.add_argument("--quantizers", nargs="+", default=["apot"], choices=["apot", "uniform"])
+    p.add_argument("--modes", nargs="+", default=["nchw", "channels_last", "eager"], choices=MODES)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS,
-                   help="projections to time ('table' always is)")
-    p.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compile", "cudagraph"),
-                   help="training-step modes to time (apot.step); 'eager' always is")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, nargs="+", help="torch thread counts (default: 1 2 on a CPU, "
+                   "torch's own on CUDA)")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (one step per configuration each)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--grid", action="store_true", help="print the ideal time of the one-seed 27-trial grid")
+    p.add_argument("--cores", type=int, default=2, help="cores for --grid (one single-thread trial each)")
+    p.add_argument("--markdown", help="also write the tables to this file")
+    args = p.parse_args(argv)
+    args.threads = args.threads or ([1, 2] if args.device == "cpu" else [torch.get_num_threads()])
+    if fused is None and args.modes != ["nchw"]:
+        p.error("this checkout has no apot.fused: only --modes nchw")
+    if args.device == "cuda" and set(args.modes) & set(CPU_ONLY):
+        p.error(f"--modes {' '.join(CPU_ONLY)} are CPU variants; on CUDA use eager, compile, cudagraph")
+    if args.device == "cpu" and "cudagraph" in args.modes:
+        p.error("--modes cudagraph needs --device cuda")
+    grid_measured = sorted(args.bits) == sorted(GRID_BITS) and len(args.quantizers) == 2 and 1 in args.threads
+    if args.grid and not grid_measured:
+        p.error("--grid needs --bits 5 4 3 2, --quantizers apot uniform and 1 in --threads")
+    return args
+
+
+def measure(configs: dict[tuple, Callable[[], float]], rounds: int, warmup: int) -> dict[tuple, float]:
+    """Median seconds per configuration over ``rounds`` interleaved, rotated rounds after ``warmup``."""
+    times: dict[tuple, list[float]] = {key: [] for key in configs}
+    keys = list(configs)
+    for round_ in range(warmup + rounds):
+        for key in keys[round_ % len(keys):] + keys[: round_ % len(keys)]:
+            seconds = configs[key]()
+            if round_ >= warmup:
+                times[key].append(seconds)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    quantizers = [("APoT", True), ("uniform", False)]
-    args.projections = ["table"] + [p for p in args.projections if p != "table"]
-    modes = ["eager"] + [m for m in args.modes if m != "eager"]
-    if "cudagraph" in modes:
-        args.warmup = max(args.warmup, WARMUP_STEPS + 1)  # warm-up steps and the capture are not timed
-    runs: dict[tuple, tuple[Callable[[], None], Callable | None]] = {}
-    runs[("FP32", 32, "table")] = (make_step(32, True, args), None)
-    for mode in modes[1:]:
-        runs[("FP32", 32, mode)] = (make_step(32, True, args, mode), None)
-    for name, power in quantizers:
-        for bit in args.bits:
-            projections = {
-                "table": None,
-                "bucketize": bucketize_projection,
-                "reference": reference_projection(power),
-            }
-            for proj in args.projections:
-                runs[(name, bit, proj)] = (make_step(bit, power, args), projections[proj])  # own model each
-            for mode in modes[1:]:
-                runs[(name, bit, mode)] = (make_step(bit, power, args, mode), None)
-
-    load_before = os.getloadavg()
-    times: dict[tuple, list[float]] = {key: [] for key in runs}
-    keys = list(runs)
-    for round_ in range(args.warmup + args.steps):
-        order = keys[round_ % len(keys):] + keys[: round_ % len(keys)]  # rotate so no key always runs first
-        for key in order:
-            seconds = timed(*runs[key], args.device)
-            if round_ >= args.warmup:
-                times[key].append(seconds)
-    load_after = os.getloadavg()
-
-    median = {key: statistics.median(v) for key, v in times.items()}
-    base = median[("FP32", 32, "table")]
-    print(
-        f"{args.arch} width {args.width}, batch {args.batch}, 1x28x28, {args.device} "
-        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; median of {args.steps} steps after {args.warmup} warm-up, "
-        f"configurations interleaved; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n"
-    )
-    header = ["quantizer", "bits", "ms/step", "ratio vs FP32"]
-    header += [f"{p} ratio" for p in args.projections if p != "table"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
-    print(f"| FP32 | 32 | {base * 1e3:.1f} | 1.00 |" + " |" * (len(header) - 4))
-    for name, _ in quantizers:
-        for bit in args.bits:
-            row = [name, str(bit), f"{median[(name, bit, 'table')] * 1e3:.1f}"]
-            row += [f"{median[(name, bit, p)] / base:.2f}" for p in args.projections]
-            print("| " + " | ".join(row) + " |")
-    if len(modes) > 1:
-        print("\nStep modes (apot.step), same process: ms/step, ratio to that mode's FP32 step, speed-up "
-              "over "
-              "eager, compile seconds, largest |loss - eager loss| over the steps run\n")
-        print("| quantizer | bits | mode | ms/step | ratio vs FP32 | speed-up | compile s | max loss diff |")
-        print("|---|---|---|---:|---:|---:|---:|---:|")
-        for name, bit in [("FP32", 32)] + [(n, b) for n, _ in quantizers for b in args.bits]:
-            eager_key = (name, bit, "table")
-            for mode in modes:
-                key = eager_key if mode == "eager" else (name, bit, mode)
-                step = runs[key][0]
-                fp32 = median[("FP32", 32, "table" if mode == "eager" else mode)]
-                losses = torch.stack(step.losses).cpu()
-                reference = torch.stack(runs[eager_key][0].losses).cpu()
-                diff = (losses - reference[: len(losses)]).abs().max().item()
-                print(f"| {name} | {bit} | {mode} | {median[key] * 1e3:.2f} | {median[key] / fp32:.2f} | "
-                      f"{median[eager_key] / median[key]:.2f} | {step.step.setup_s:.1f} | {diff:.2e} |")
+    fp32_of = {mode: "eager" if mode == "channels_last" else mode for mode in args.modes}
+    if args.warmup <= WARMUP_STEPS and "cudagraph" in args.modes:
+        args.warmup = WARMUP_STEPS + 1  # warm-up steps and the capture are not timed
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    lines = [f"{machine}; "
+             f"width {args.width}, batch {args.batch}, 1x28x28; median of {args.steps} steps after "
+             f"{args.warmup} warm-up, configurations interleaved in one process", ""]
+    grid_rates: dict[tuple, float] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        configs: dict[tuple, Callable[[], float]] = {}
+        for arch in args.archs:
+            for fp32_mode in dict.fromkeys(fp32_of.values()):
+                configs[(arch, "FP32", 32, fp32_mode)] = Step(arch, 32, True, fp32_mode, args)
+            for quantizer in args.quantizers:
+                for bit in args.bits:
+                    for mode in args.modes:
+                        power = quantizer == "apot"
+                        configs[(arch, quantizer, bit, mode)] = Step(arch, bit, power, mode, args)
+        load = os.getloadavg()[0]
+        median = measure(configs, args.steps, args.warmup)
+        lines += [f"**{threads} thread{'s' if threads > 1 else ''}** (load average {load:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f})", "",
+                  "| arch | quantizer | bits | step | ms/step | img/s | ratio vs FP32 | speed-up vs nchw "
+                  "| compile s |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for key, seconds in median.items():
+            arch, quantizer, bit, mode = key
+            fp32 = median[(arch, "FP32", 32, fp32_of.get(mode, mode))]
+            nchw = median.get((arch, quantizer, bit, "nchw"))
+            speedup = f"{nchw / seconds:.2f}" if nchw else "—"
+            lines.append(f"| {arch} | {quantizer} | {bit} | {mode} | {seconds * 1e3:.1f} | "
+                         f"{args.batch / seconds:.0f} | {seconds / fp32:.2f} | {speedup} | "
+                         f"{configs[key].step.setup_s:.1f} |")
+            if threads == 1:
+                grid_rates[key] = args.batch / seconds
+        lines.append("")
+    if args.grid:
+        best = "eager" if "eager" in args.modes else args.modes[-1]
+        fp32_rates = [grid_rates[(arch, "FP32", 32, fp32_of[best])] for arch in args.archs]
+        trial_s = [EPOCHS * EPOCH_IMAGES / rate for rate in fp32_rates]
+        trial_s += [EPOCHS * EPOCH_IMAGES / grid_rates[(arch, q, bit, best)]
+                    for arch in args.archs for q in args.quantizers for bit in GRID_BITS]
+        lines.append(f"Ideal time of the one-seed {len(trial_s)}-trial grid ({best} step, 1-thread rates, "
+                     f"{args.cores} trials side by side): {sum(trial_s) / args.cores / 3600:.2f} h")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text + "\n")
 
 
 if __name__ == "__main__":

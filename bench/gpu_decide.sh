@@ -25,5 +25,5 @@ cache=$PWD/.gpu/runs/apot_mnist/compile_cache   # the sweep's shared cache (apot
 mkdir -p "$cache" && chmod 700 "$cache"
 TORCHINDUCTOR_CACHE_DIR=$cache TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=1 \
   timeout 170 python3 bench/bench_step.py --device cuda --modes eager compile cudagraph --bits 4 \
-  --projections table --steps 30 --warmup 5
+  --archs resnet18 --steps 30 --warmup 5
 echo "rc $? after $(( $(date +%s) - t0 )) s"

@@ -55,6 +55,10 @@ def _cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apot" / "kernels"
     path = Path(os.environ.get("APOT_KERNEL_CACHE", default))
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:  # a library loaded from here runs as this user
+        raise RuntimeError(f"kernel cache {path} is not private (owned by uid {info.st_uid}, mode "
+                           f"{info.st_mode & 0o777:o}); make it yours with mode 0700, or set APOT_KERNEL_CACHE")
     return path
 
 

@@ -113,6 +113,17 @@ def test_without_a_compiler_the_quantizers_run_as_torch_operations(monkeypatch) 
     assert torch.equal(out, project_table(x / 2.0, lookup_table(lv)) * 2.0)
 
 
+def test_a_kernel_cache_others_can_write_is_refused(monkeypatch, tmp_path) -> None:
+    """The built library runs as this user: a cache folder that others can write is not loaded from."""
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    cache.chmod(0o777)
+    monkeypatch.setattr(fused, "_state", {"lib": None, "error": None, "enabled": True, "claimed_s": 0.0})
+    monkeypatch.setenv("APOT_KERNEL_CACHE", str(cache))
+    assert fused.library() is None
+    assert "is not private" in fused.error() and not list(cache.iterdir())
+
+
 def _forward_backward(arch: str, bit: int, power: bool, memory_format: torch.memory_format, kernels: bool,
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Logits, loss and every gradient (input, weights, both alphas) of one forward/backward of a tiny model

@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
     p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, the trials, their resources and the concurrency; starts no "
-                        "Ray (a cluster named by --address or $RAY_ADDRESS is joined only to read its resources)")
+                   help="print the resolved config, the trials, their resources and the concurrency; train "
+                        "nothing (a cluster named by --address or $RAY_ADDRESS is joined for its resources)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[32,4,2]")
     p.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
@@ -333,10 +333,11 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
         progress.mark_record(record)
 
     configs = trial_configs(cfg.trials(), train, run)
+    order = GridPoints(configs, experiment, on_dropped=progress.mark_record)  # FP32 trials first
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=GridPoints(configs, experiment, on_dropped=progress.mark_record),
-                                    num_samples=len(configs), max_concurrent_trials=concurrency,
+        tune_config=tune.TuneConfig(search_alg=order, num_samples=len(configs),
+                                    max_concurrent_trials=concurrency,
                                     trial_dirname_creator=lambda t: trial_name(grid_point(t.config)),
                                     trial_name_creator=lambda t: trial_name(grid_point(t.config))),
         run_config=tune.RunConfig(

@@ -55,6 +55,11 @@ class GridPoints(Searcher):
         self.finished_fp32: set[str] = set()  # FP32 trial names that TERMINATED
         self.running: dict[str, str] = {}  # Tune trial id -> trial name, for the trials suggested
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its config into the experiment folder (never read back: `tune_sweep._fit`); the
+        callback holds the live display, which does not pickle."""
+        return {**self.__dict__, "on_dropped": None}
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """The first waiting config that may start now; None while all the rest wait; FINISHED when none is
         left."""

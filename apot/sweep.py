@@ -120,9 +120,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from apot.step import compile_workers, size_compile_workers
+
     cfg = TrainConfig.from_dict(loop_config["train"])
     record_file = Path(loop_config["record_path"])
     rank = ray.train.get_context().get_world_rank()
+    size_compile_workers(loop_config["cpus_per_worker"])  # this rank's CPUs, not the machine's cores
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -136,7 +139,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         resumed_from = resume["epoch"] if resume else None
         record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from,
                       epochs_trained=list(trained), init_checkpoint=loop_config.get("init_checkpoint"),
-                      **extra)
+                      compile_workers=compile_workers(), **extra)
         write_json(record, record_file)
 
     final: dict[str, Any] = {"state": resume}  # the latest checkpoint state (rank 0)
@@ -196,8 +199,9 @@ def trial_driver(config: dict[str, Any]) -> None:
             init_checkpoint = str(fp32_checkpoint(experiment, point, cfg))
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
-                               "experiment_path": str(experiment), "init_checkpoint": init_checkpoint,
+            train_loop_config={"train": asdict(cfg), "record_path": str(rec_path),
+                               "driver_started_at": started, "experiment_path": str(experiment),
+                               "init_checkpoint": init_checkpoint, "cpus_per_worker": run["cpus_per_worker"],
                                "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
             scaling_config=ray.train.ScalingConfig(
                 num_workers=run["workers_per_trial"],

@@ -73,21 +73,22 @@ class GridPoints(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        """A trial will not run again: release the quantized points of an FP32 trial that TERMINATED; drop
-        (with an ERROR record) those of one that failed for good. A trial ended by a stop of the sweep
-        releases and drops nothing (``--resume`` continues them)."""
+        """A trial will not run again: an FP32 trial that TERMINATED releases its quantized points; one that
+        failed for good (``error``: no retries left) drops them, each with an ERROR record. One ended by a
+        stop of the sweep (Ctrl-C, SIGTERM) does neither: the sweep is ending, and ``--resume`` runs them."""
         name = self.running.pop(trial_id, None)
         if name is None:
             return
+        if error:
+            if (self.experiment / STOP_MARKER).exists():  # it raised as a SIGTERM stopped it: not a failure
+                return
+            for config in [c for c in self.waiting if needs_fp32(c) == name]:
+                self.waiting.remove(config)
+                self._drop(config, name)
+            return
         record = read_record(self.experiment / "records" / f"{name}.json")
-        if not error and record is not None and record.get("state") == "TERMINATED":
+        if record is not None and record.get("state") == "TERMINATED":
             self.finished_fp32.add(name)
-            return
-        if (self.experiment / STOP_MARKER).exists():
-            return
-        for config in [c for c in self.waiting if needs_fp32(c) == name]:
-            self.waiting.remove(config)
-            self._drop(config, name)
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: a resumed sweep rebuilds this from the records (a fresh searcher over the grid,

@@ -98,7 +98,7 @@ the display shows the trial finished, not an epoch trained again."""
 
 def grid_point(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """The grid point (``arch``, ``bit``, ``power``, ``seed``) of a Tune trial's config: its ``point``
-    (`apot.sweep.param_space`), or the top-level keys of a sweep started before points were one key."""
+    (`apot.sweep.trial_configs`), or the top-level keys of a sweep started before points were one key."""
     point = trial_config.get("point")
     source = point if isinstance(point, Mapping) else trial_config
     return {k: source[k] for k in GRID_KEYS}

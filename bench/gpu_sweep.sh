@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_sweep.sh OUT DEADLINE_S [tune_sweep.py flags ...]
 #
-# OUT: a folder for the results, written while the sweep runs: sweep.log (the sweep's output as it prints),
+# OUT: a folder for the results, written while the sweep runs: sweep.log (the sweep's output as it prints;
+#   appended to by each call),
 #   records/ (each trial's record, copied every few seconds: a run cut short still returns every finished
 #   trial), gpu_usage.csv (nvidia-smi every 5 s); at the end results.json, results.csv, tables.md, the two
 #   PNGs, sweep_config.json and timing.md (bench/sweep_timing.py).
@@ -42,7 +43,7 @@ copy_records() {  # new or changed records only
 }
 
 t0=$(date +%s)
-"$py" tune_sweep.py "${flags[@]}" "${resume[@]}" > >(tee "$out/sweep.log") 2>&1 &
+"$py" tune_sweep.py "${flags[@]}" "${resume[@]}" > >(tee -a "$out/sweep.log") 2>&1 &
 sweep=$!
 stopped_at=
 while kill -0 "$sweep" 2> /dev/null; do

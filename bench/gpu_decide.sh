@@ -26,7 +26,9 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 "$py" -c "import sys, torch, ray; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| cuda', torch.cuda.is_available(), '| ray', ray.__version__, 'from', ray.__file__)" || exit 3
 "$py" -m apot.data check ${APOT_DATA_DIR:+--data-dir "$APOT_DATA_DIR"} || exit 4
-"$py" tune_sweep.py --dry-run --storage runs/gpu | tail -n 6
+plan=$("$py" tune_sweep.py --dry-run --storage runs/gpu) || exit 2
+grep -E '^(resources of|trials:)' <<< "$plan"
+grep -oE '(cpu|cuda) +step [a-z]+' <<< "$plan" | sort | uniq -c | sed 's/$/ (trials)/'
 experiment=$(experiment_path --storage runs/gpu) || exit 2
 echo "setup took $(( $(date +%s) - t0 )) s"
 

@@ -10,6 +10,7 @@
 #      each in its own run of bench/bench_step.py (at most LIMIT_S seconds each, default 170): ms/step,
 #      compile seconds and the largest loss difference to the eager step. The compiles land in the sweep's
 #      compile cache (its default storage, runs/gpu), so the sweep's ResNet-18 trials load them.
+# BENCH_FLAGS (optional) go to bench_step.py after the defaults, e.g. BENCH_FLAGS="--steps 60".
 # OUT/decide.log holds everything printed. Without CUDA the steps run on the CPU and the CUDA-graph run is
 # skipped (a dry run of this script).
 set -uo pipefail
@@ -38,12 +39,13 @@ if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
 fi
 cache=$experiment/compile_cache   # the sweep's shared cache (apot.step.use_compile_cache)
 mkdir -p "$cache" && chmod 700 "$cache"
+read -ra bench_flags <<< "${BENCH_FLAGS:-}"
 for m in "${modes[@]}"; do
   read -ra mode_list <<< "$m"
   echo "== ${mode_list[*]: -1} step on $device (at most $limit s)"
   TORCHINDUCTOR_CACHE_DIR=$cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1 \
     TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=1 \
     timeout "$limit" "$py" bench/bench_step.py --device "$device" --modes "${mode_list[@]}" --bits 4 \
-    --projections table --steps 30 --warmup 5
+    --projections table --steps 30 --warmup 5 "${bench_flags[@]}"
   echo "rc $? after $(( $(date +%s) - t0 )) s"
 done

@@ -6,7 +6,7 @@
     python tune_sweep.py --address HOST:PORT  # join a running cluster (slurm/ray_cluster.sh does this)
     python tune_sweep.py --resume             # continue an interrupted sweep
     python tune_sweep.py --report-only        # rebuild results and tables from storage, no training
-    python tune_sweep.py --dry-run            # print the resolved config, trials, resources; start nothing
+    python tune_sweep.py --dry-run            # print the resolved config, trials, resources; train nothing
     python tune_sweep.py --mlflow sqlite:///mlflow.db   # also log every trial to MLflow (docs/TRACKING.md)
 
 `pip install .` installs this script as the command `apot-sweep` (same flags).
@@ -45,15 +45,14 @@ from apot.config import (
 )
 from apot.data import MNISTDataError, ensure_mnist
 from apot.errors import exit_with_error
-from apot.ray_session import RaySetupError, check_ray_version, start_ray
+from apot.ray_session import RaySetupError, check_ray_version, cluster_resources, joined_address, start_ray
 from apot.recipe import identity_changes
 from apot.sweep import (
     STOP_MARKER,
     collect_records,
-    param_space,
     record_path,
+    trial_configs,
     trial_driver,
-    unreadable_tune_state,
 )
 
 SAVED_CONFIG = "sweep_config.json"
@@ -100,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="rebuild results and tables without training")
     p.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, the trials, their resources and the concurrency; no Ray")
+                   help="print the resolved config, the trials, their resources and the concurrency; train "
+                        "nothing (a cluster named by --address or $RAY_ADDRESS is joined for its resources)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set grid.bit=[32,4,2]")
     p.add_argument("--mlflow", default=None, metavar="URI",
@@ -171,7 +171,7 @@ def dry_run(cfg: SweepConfig, available: dict[str, float], address: str | None) 
 
     res = cfg.resources
     concurrency = check_resources(cfg, available)
-    where = f"cluster {address} (sized here with this machine's resources)" if address else "this machine"
+    where = f"the cluster at {address}" if address else "this machine"
     device = "cuda" if res.gpus_per_worker > 0 else "cpu"
     lines = [json.dumps(cfg.to_dict(), indent=2),
              f"resources of {where}: {available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs",
@@ -274,11 +274,9 @@ def startup_share(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, stop: GracefulStop,
-              restore: bool) -> dict[str, Any]:
-    """Start or join Ray, run the Tuner with the live display, return timing provenance. ``restore``: resume
-    Tune's saved run (else a fresh Tuner, which still skips finished trials and resumes unfinished ones from
-    their checkpoints: how a grown grid, or a sweep whose Tune state is lost, resumes)."""
+def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, stop: GracefulStop
+              ) -> dict[str, Any]:
+    """Start or join Ray, run the Tuner with the live display, return timing provenance."""
     t0 = time.time()
     session = start_ray(args.address, log_to_driver=False, logging_level="ERROR", include_dashboard=False,
                         configure_logging=True)
@@ -286,7 +284,7 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, stop
     ray_init_s = time.time() - t0
     print(session.describe(), flush=True)
     try:
-        return _fit(cfg, args, experiment, ray_init_s, stop, restore)
+        return _fit(cfg, args, experiment, ray_init_s, stop)
     finally:  # the private cluster's logs are kept when a trial did not finish
         records = collect_records(experiment, cfg.trials())
         unfinished = sum(r["state"] != "TERMINATED" for r in records) + len(cfg.trials()) - len(records)
@@ -296,16 +294,21 @@ def run_sweep(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, stop
 
 
 def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_s: float,
-         stop: GracefulStop, restore: bool) -> dict[str, Any]:
+         stop: GracefulStop) -> dict[str, Any]:
+    """Run every grid point under a fresh Tuner, a new sweep and a resumed one alike: Tune's saved state is
+    never read back (nothing in the storage folder is unpickled). A resume needs none of it: a trial with
+    a TERMINATED record reports it and is not trained again, an unfinished one continues from its latest
+    Ray Train checkpoint (`apot.sweep.trial_driver`), and `apot.fp32_first.GridPoints` orders them."""
     import ray
     from ray import tune
 
     from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback
+    from apot.fp32_first import GridPoints
 
     os.environ.update(QUIET_RAY_ENV)
     res = cfg.resources
     if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
-        cfg = resolve_resources(cfg, ray.cluster_resources())  # --address: fitted to the cluster joined
+        cfg = resolve_resources(cfg, ray.cluster_resources())  # fitted to the cluster joined, however named
     concurrency = check_resources(cfg, ray.cluster_resources())
     hardware = hardware_summary()
 
@@ -331,54 +334,26 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
 
         callbacks.append(MLflowTracking(cfg.tracking["mlflow"], cfg.name, experiment))
 
-    tuner = None
-    if restore and tune.Tuner.can_restore(str(experiment)):
-        tuner = restore_tuner(experiment, trainable)
-    if tuner is not None:
-        # Tune pickles the RunConfig with the experiment; the display callback pickles to a no-op (it holds a
-        # live console), so a restored sweep gets a fresh one. Tuner.restore has no callbacks argument.
-        tuner._local_tuner.get_run_config().callbacks = callbacks
-    else:  # a new sweep, or a resume without Tune's state: records and trial checkpoints carry the progress
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(cfg.trials(), train, run),
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
-                                        trial_dirname_creator=lambda t: trial_name(grid_point(t.config)),
-                                        trial_name_creator=lambda t: trial_name(grid_point(t.config))),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=str(Path(cfg.storage).resolve()),
-                failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
-                callbacks=callbacks,
-                verbose=0,
-            ),
-        )
+    configs = trial_configs(cfg.trials(), train, run)
+    order = GridPoints(configs, experiment, on_dropped=progress.mark_record)  # FP32 trials first
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=order, num_samples=len(configs),
+                                    max_concurrent_trials=concurrency,
+                                    trial_dirname_creator=lambda t: trial_name(grid_point(t.config)),
+                                    trial_name_creator=lambda t: trial_name(grid_point(t.config))),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.storage).resolve()),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
     with progress:
         if stop.received is None:  # else stopped before the trials started
             tuner.fit()
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
-
-
-def restore_tuner(experiment: Path, trainable: Any) -> Any:
-    """``Tuner.restore`` of the sweep at ``experiment``, or None when Tune's saved state cannot be read.
-
-    None sets the unreadable state file aside (``*.unreadable``, kept to look at) and says so in one line; the
-    caller then starts a fresh ``Tuner`` over the same grid, in which finished trials report their record and
-    unfinished ones continue from their own checkpoints (`apot.sweep.trial_driver`)."""
-    from ray import tune
-
-    broken = unreadable_tune_state(experiment)
-    if broken is None:
-        try:
-            return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-        except Exception as exc:  # tuner.pkl cut short, say; the same way out as a broken state file
-            reason = f"Tuner.restore failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
-    else:
-        reason = f"{broken.name} is unreadable (the driver was killed while Tune saved it)"
-        broken.rename(broken.with_name(broken.name + ".unreadable"))
-    print(f"resume: {reason}; continuing without Tune's state: finished trials are kept (records/), "
-          "unfinished ones continue from their checkpoints", flush=True)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,10 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.overrides, quick=args.quick,
                           storage=args.storage, data_dir=args.data_dir, mlflow=args.mlflow)
         experiment = Path(cfg.storage).resolve() / cfg.name
-        if args.address is None or args.dry_run:
+        cluster = joined_address(args.address)
+        if cluster is None:  # a private Ray on this host: fit auto to it now; a joined cluster in _fit
             cfg = resolve_resources(cfg, local_resources())
         if args.dry_run:
-            print(dry_run(cfg, local_resources(), args.address))
+            available = local_resources() if cluster is None else cluster_resources(cluster)
+            cfg = resolve_resources(cfg, available)
+            print(dry_run(cfg, available, cluster))
             return 0
         check_storage(experiment)
         if args.update_readme:
@@ -410,14 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                 check_tracking(cfg)  # the extra is installed and the store answers: before Ray starts
             if args.resume:
                 added = check_resume_matches(cfg, experiment)
-                if added:  # Tune's saved state holds the old grid: run_sweep starts a fresh Tuner
+                if added:
                     names = ", ".join(trial_name(p) for p in added[:4]) + (" ..." if len(added) > 4 else "")
                     print(f"resume: the grid grew by {len(added)} trials ({names}); finished trials are kept",
                           flush=True)
             elif (experiment / SAVED_CONFIG).exists():
                 raise ConfigError(f"a sweep already exists at {experiment}: pass --resume to continue it, "
                                   "or --set name=<new name> / --storage DIR to start another")
-            if args.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray on this host
+            if cluster is None:
                 check_resources(cfg, local_resources())
     except (ConfigError, MNISTDataError, RaySetupError, report.ReportError) as exc:
         return exit_with_error(str(exc))
@@ -429,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.marker.unlink(missing_ok=True)  # left by a stop of an earlier run of this sweep
         (experiment / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         try:
-            extra = run_sweep(cfg, args, experiment, stop, restore=args.resume and not added)
+            extra = run_sweep(cfg, args, experiment, stop)
         except (ConfigError, RaySetupError) as exc:
             return exit_with_error(str(exc))
         if stop.received is not None:

@@ -110,7 +110,7 @@ the display shows the trial finished, not an epoch trained again."""
 
 def grid_point(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """The grid point (``arch``, ``bit``, ``power``, ``seed``) of a Tune trial's config: its ``point``
-    (`apot.sweep.param_space`)."""
+    (`apot.sweep.trial_configs`)."""
     return {k: trial_config["point"][k] for k in GRID_KEYS}
 
 

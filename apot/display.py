@@ -248,18 +248,6 @@ class SweepProgress:
                 row.train_loss, row.test_acc = last.get("train_loss"), last.get("test_acc")
                 row.images_per_s = last.get("images_per_s")
 
-    def trial_restored(self, point: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
-        """Quietly mark a trial that a resumed Tune run reports as already TERMINATED (last metrics)."""
-        with self._lock:
-            row = self._row(point, metrics.get("epochs"))
-            if row.state == "TERMINATED":
-                return
-            row.state, row.error = "TERMINATED", None
-            row.epoch = int(metrics.get("epoch", row.epochs))
-            for key in ("train_loss", "test_acc", "best_test_acc", "images_per_s"):
-                if metrics.get(key) is not None:
-                    setattr(row, key, float(metrics[key]))
-
     def trial_started(self, point: Mapping[str, Any], epochs: int | None = None) -> None:
         """A trial (or its retry) started running."""
         with self._lock:
@@ -519,29 +507,19 @@ class TuneDisplayCallback(Callback):
     Reads the grid point from ``trial.config`` (`apot.config.grid_point`; epochs from
     ``config["train"]["epochs"]`` when present) and the per-epoch metrics from each result. Pickles without
     its progress (Tune pickles the RunConfig, callbacks included, into ``tuner.pkl``); an unpickled copy
-    does nothing, so pass a fresh one after ``Tuner.restore``.
+    does nothing.
     """
 
     def __init__(self, progress: SweepProgress | None) -> None:
         self.progress = progress
-        self._synced = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"progress": None, "_synced": False}
+        return {"progress": None}
 
     @staticmethod
     def _epochs(trial: Any) -> int | None:
         train = trial.config.get("train")
         return train.get("epochs") if isinstance(train, Mapping) else None
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        """Once, on a resumed sweep: mark trials Tune restored as already finished."""
-        if self.progress is None or self._synced or not trials:
-            return
-        self._synced = True
-        for trial in trials:
-            if trial.status == "TERMINATED":
-                self.progress.trial_restored(grid_point(trial.config), trial.last_result or {})
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.progress is not None:

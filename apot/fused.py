@@ -58,7 +58,7 @@ def _cache_dir() -> Path:
     info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:  # a library loaded from here runs as this user
         raise RuntimeError(f"kernel cache {path} is not private (owned by uid {info.st_uid}, mode "
-                           f"{info.st_mode & 0o777:o}); make it yours with mode 0700, or set APOT_KERNEL_CACHE")
+                           f"{info.st_mode & 0o777:o}); make it yours, mode 0700, or set APOT_KERNEL_CACHE")
     return path
 
 

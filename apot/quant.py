@@ -213,16 +213,23 @@ def table_levels(table: torch.Tensor) -> torch.Tensor:
 def nearest_level(
     u: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The projection the quantizers use: ``project_table`` when a table of ``u``'s dtype is given (the
-    layers keep one per level set), else ``project`` on ``level_set`` (or, if None, the table's levels).
-    All give the same values. The layers pass only the table: a compiled graph's inputs are then the same
-    shape for every bit width (`TABLE_SCALE`)."""
-    if table is not None and table.dtype == u.dtype and table.device == u.device:
+    """The projection the quantizers use: ``project_table`` when a table is given (the layers keep one per
+    level set), else ``project`` on ``level_set``. Both give the same values. The layers pass only the
+    table: a compiled graph's inputs are then the same shape for every bit width (`TABLE_SCALE`).
+
+    Raises:
+        ValueError: a table of another dtype or device than ``u`` (its midpoints are rounded for its dtype;
+            rather than fall back to ``project``, whose data-dependent shapes and host syncs would break a
+            compiled or captured step, this says so), or neither a table nor a level set.
+    """
+    if table is not None:
+        if table.dtype != u.dtype or table.device != u.device:
+            raise ValueError(f"nearest_level: the lookup table is {table.dtype} on {table.device} but the "
+                             f"input is {u.dtype} on {u.device}; move the model (its tables are buffers) "
+                             "to the input's dtype and device, or pass the level set without a table")
         return project_table(u, table)
     if level_set is None:
-        if table is None:
-            raise ValueError("nearest_level needs a level set or a lookup table")
-        level_set = table_levels(table)
+        raise ValueError("nearest_level needs a level set or a lookup table")
     return project(u, level_set)
 
 

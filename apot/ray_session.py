@@ -101,6 +101,34 @@ class RaySession:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def joined_address(address: str | None) -> str | None:
+    """The cluster a sweep will join: ``--address`` if given, else ``$RAY_ADDRESS``, else None (a private
+    one is started). `start_ray` joins exactly this one, so ``auto`` resources are fitted to it."""
+    return address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """The total resources (``{"CPU": ..., "GPU": ...}``) of the running cluster at ``address``, read by
+    joining it briefly as a driver (``--dry-run``); starts no task.
+
+    Raises:
+        RaySetupError: the cluster cannot be reached (one line).
+    """
+    import ray
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False,
+                 configure_logging=True)
+    except Exception as exc:  # ConnectionError, or Ray's own errors for a bad address or token
+        text = str(exc).strip().splitlines()
+        raise RaySetupError(f"cannot join the Ray cluster at {address} ({type(exc).__name__}: "
+                            f"{text[0] if text else ''}); check --address / $RAY_ADDRESS") from None
+    try:
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+    finally:
+        ray.shutdown()
+
+
 def start_ray(address: str | None, **init_kwargs: Any) -> RaySession:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a private one (see module doc).
 
@@ -108,11 +136,11 @@ def start_ray(address: str | None, **init_kwargs: Any) -> RaySession:
         address: ``--address`` (``host:port`` or ``auto``), or None.
         init_kwargs: passed to ``ray.init`` (logging, dashboard, ...).
     """
-    env_address = os.environ.get("RAY_ADDRESS") or None
-    if address is not None or env_address is not None:
+    joined = joined_address(address)
+    if joined is not None:
         import ray
 
-        ray.init(address=address or env_address, **init_kwargs)
+        ray.init(address=joined, **init_kwargs)
         source = f"--address {address}" if address is not None else "RAY_ADDRESS"
         return RaySession(False, ray.get_runtime_context().gcs_address, source)
 

@@ -83,8 +83,8 @@ MODEL_FAMILIES = {"resnet": "ResNet"}  # the registry's families (apot.models), 
 # Provenance keys shown first, in this order, with their labels; other scalar keys follow as "key: value".
 PROVENANCE_LABELS = {
     "epochs": "epochs", "train_subset": "training images", "seeds": "seeds", "hardware": "hardware",
-    "gpu_count": "GPUs", "date": "date", "code": "code", "python": "python", "ray": "ray", "torch": "torch",
-    "wall_time_s": "wall time",
+    "gpu_count": "GPUs", "gpu_numerics": "GPU numerics", "date": "date", "code": "code", "python": "python",
+    "ray": "ray", "torch": "torch", "wall_time_s": "wall time",
 }
 # In results.json for programs, not repeated in the "Made with" line (``code`` and ``GPUs`` say it there).
 PROVENANCE_HIDDEN = {"git_commit", "git_dirty", "gpu_model"}

@@ -141,6 +141,35 @@ def compile_lock(key: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _saved_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s buffers that its state dict saves (BatchNorm statistics), with their names."""
+    saved = set(module.state_dict(keep_vars=True))
+    return [(n, t) for n, t in module.named_buffers() if n in saved]
+
+
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def size_compile_workers(cpus: float) -> int:
+    """Size Inductor's pool of compile workers to ``cpus``, the CPUs Ray gave this trial's rank (at least
+    one), and return that number. By default Inductor starts as many as the machine has cores, in every
+    compiling process: several trials compiling at once would each start that many. Call before the first
+    compile; the environment variable reaches Inductor's subprocesses too."""
+    workers = max(1, int(cpus))
+    os.environ[COMPILE_THREADS_ENV] = str(workers)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = workers
+    return workers
+
+
+def compile_workers() -> int:
+    """The number of compile workers Inductor will use in this process (`size_compile_workers`)."""
+    import torch._inductor.config as inductor_config
+
+    return int(inductor_config.compile_threads)
+
+
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Switch an SGD optimizer, in place, to a step a CUDA graph can capture: the fused kernel, with every
     group's learning rate a 0-dim tensor on ``device`` (a float lr or the foreach path would sync with the
@@ -214,7 +243,13 @@ class TrainStep:
                 static_y.copy_(y)
                 self._graph.replay()
                 return loss, logits
-            return self._eager_step(x, y)  # a batch of another shape: compiled, outside the graph
+            # Another shape cannot replay the graph, and an eager step would rebind p.grad away from the
+            # graph's gradient buffers (every later replay would then update from stale gradients).
+            captured = (tuple(self._static[0].shape), tuple(self._static[1].shape))
+            raise ValueError(f"compile: cudagraph captured the step for batches of {captured[0]} and labels "
+                             f"{captured[1]}, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}; feed full batches only (apot.data drops the last partial "
+                             "batch), or use compile")
         start = time.perf_counter()
         # The first call compiles: under the shared cache, one trial compiles a graph while the others
         # with the same graph wait, then load it from the cache instead of compiling it again. Never across
@@ -236,9 +271,14 @@ class TrainStep:
         return out
 
     def _graph_key(self, x: torch.Tensor) -> str:
-        """What identifies the compiled graph: shapes of every parameter and buffer, the batch, the mode."""
+        """What identifies the compiled graph, so trials compiling the same one take turns (`compile_lock`):
+        the names and shapes of the parameters and saved buffers (an arch's FP32 model has no clipping
+        parameters, so another key), the batch, the device, the mode and the backend. Unsaved buffers are
+        left out: the level sets, whose shapes differ per bit width, are not graph inputs, and the lookup
+        tables have one shape for every bit width and quantizer (`apot.quant.TABLE_SCALE`), so all
+        quantized trials of an arch share one key."""
         modules = [self.net] if self.teacher is None else [self.net, self.teacher]
-        shapes = [[(n, tuple(t.shape)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+        shapes = [[(n, tuple(t.shape)) for n, t in [*m.named_parameters(), *_saved_buffers(m)]]
                   for m in modules]
         text = repr((shapes, tuple(x.shape), x.device.type, self.mode, COMPILE_BACKEND))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -249,7 +289,9 @@ class TrainStep:
         static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the grads from its own pool
-        with torch.cuda.graph(graph):
+        # thread_local: only this thread's CUDA calls are checked for capture safety; Ray's and NCCL's
+        # threads keep running beside the capture, and the default (global) mode would fail on theirs.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss, logits = self.forward(static_x, static_y)
             loss.backward()
             self.optimizer.step()

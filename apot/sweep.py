@@ -7,8 +7,8 @@ Every name is deterministic, so a restarted trial's ``TorchTrainer`` finds its o
 
 Storage layout of one experiment (``<storage>/<name>``)::
 
-    <trial dirs>, experiment_state*.json   Tune's own state (``Tuner.restore`` reads it; not needed: see
-                                           ``unreadable_tune_state``)
+    <trial dirs>, experiment_state*.json   Tune's own state: written by Tune, never read back (``--resume``
+                                           runs a fresh Tuner over the records and checkpoints)
     train/<trial>/checkpoint_*/            Ray Train checkpoints (checkpoint.pt), the last 2 kept
     records/<trial>.json                   the trial record (docs/ARCHITECTURE.md), rewritten every epoch
     exports/<trial>.pt                     a finished trial's quantized model as integer codes (apot.export)
@@ -35,12 +35,10 @@ from apot.recipe import INIT_FROM_FP32, identity_changes
 from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
-INIT_POLL_S = 5.0  # how often a trial with init_from: fp32 looks for its FP32 trial's result
 COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
 # Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
 # its placement group) was stopped, it did not fail.
 STOP_MARKER = "stopping"
-TUNE_STATE_GLOB = "experiment_state-*.json"  # Tune's TuneController.CKPT_FILE_TMPL
 
 
 def record_path(experiment: Path, point: dict[str, Any]) -> Path:
@@ -87,45 +85,24 @@ def fp32_point(point: dict[str, Any]) -> dict[str, Any]:
     return {**point, "bit": FP32_BIT}
 
 
-def wait_for_fp32_checkpoint(experiment: Path, point: dict[str, Any], cfg: TrainConfig,
-                             poll_s: float = INIT_POLL_S) -> Path:
-    """Block until ``point``'s FP32 trial has finished; the path of its final checkpoint.
+def fp32_checkpoint(experiment: Path, point: dict[str, Any], cfg: TrainConfig) -> Path:
+    """The final checkpoint of ``point``'s FP32 trial, which has finished (`apot.fp32_first.GridPoints`
+    starts a quantized trial only then).
 
-    Raises ``RuntimeError`` (one line) if that trial ended in ERROR or its final checkpoint is gone. The
-    sweep lists FP32 trials first (`SweepConfig.trials`), so the awaited trial has already started."""
+    Raises ``RuntimeError`` (one line) if that trial's record does not say TERMINATED or its final
+    checkpoint is gone."""
     source = fp32_point(point)
     final = (Path(experiment) / "train" / trial_name(source) / checkpoint_dir_name(cfg.epochs)
              / CHECKPOINT_FILE)
-    while True:
-        record = read_record(record_path(experiment, source))
-        state = record["state"] if record else None
-        if state == "TERMINATED":
-            if not final.is_file():
-                raise RuntimeError(f"init_from fp32: {trial_name(source)} finished but {final} is missing; "
-                                   "re-run that trial (delete its record) or set train.init_from: null")
-            return final
-        if state == "ERROR":
-            raise RuntimeError(f"init_from fp32: {trial_name(source)} failed, so {trial_name(point)} cannot "
-                               "start from it; see that trial's error")
-        time.sleep(poll_s)
-
-
-def unreadable_tune_state(experiment: Path) -> Path | None:
-    """Tune's newest experiment state file (the one ``Tuner.restore`` would read) if it does not parse as
-    JSON, else None (also when there is none).
-
-    A driver killed while Tune copies that file into storage leaves it empty or cut short; Ray then logs the
-    error and goes on with a broken trial list. The sweep does not need it: records say which trials are done
-    and each trial's Ray Train checkpoints carry its progress, so a fresh ``Tuner`` over the same grid resumes
-    every trial (`trial_driver`)."""
-    states = sorted(Path(experiment).glob(TUNE_STATE_GLOB))  # Ray restores max() by name (a timestamp)
-    if not states:
-        return None
-    try:
-        json.loads(states[-1].read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return states[-1]
-    return None
+    record = read_record(record_path(experiment, source))
+    state = record["state"] if record else "no record"
+    if state != "TERMINATED":
+        raise RuntimeError(f"init_from fp32: {trial_name(source)} has not finished ({state}), so "
+                           f"{trial_name(point)} cannot start from it; see that trial's error")
+    if not final.is_file():
+        raise RuntimeError(f"init_from fp32: {trial_name(source)} finished but {final} is missing; "
+                           "re-run that trial (delete its record) or set train.init_from: null")
+    return final
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -148,9 +125,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from apot.step import compile_workers, size_compile_workers
+
     cfg = TrainConfig.from_dict(loop_config["train"])
     record_file = Path(loop_config["record_path"])
     rank = ray.train.get_context().get_world_rank()
+    size_compile_workers(loop_config["cpus_per_worker"])  # this rank's CPUs, not the machine's cores
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -164,7 +144,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         resumed_from = resume["epoch"] if resume else None
         record.update(state=state, startup_s=startup_s, resumed_from_epoch=resumed_from,
                       epochs_trained=list(trained), init_checkpoint=loop_config.get("init_checkpoint"),
-                      **extra)
+                      compile_workers=compile_workers(), **extra)
         write_json(record, record_file)
 
     final: dict[str, Any] = {"state": resume}  # the latest checkpoint state (rank 0)
@@ -218,32 +198,32 @@ def trial_driver(config: dict[str, Any]) -> None:
     if done and done["state"] == "TERMINATED" and not identity_changes(done["config"], asdict(cfg)):
         ray.tune.report({**done["history"][-1], FROM_RECORD: True})  # finished before a stop: not again
         return
-
-    init_checkpoint = None
-    if cfg.init_from == INIT_FROM_FP32 and cfg.bit != FP32_BIT:
-        init_checkpoint = str(wait_for_fp32_checkpoint(experiment, point, cfg))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train": asdict(cfg), "record_path": str(rec_path), "driver_started_at": started,
-                           "experiment_path": str(experiment), "init_checkpoint": init_checkpoint,
-                           "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=run["workers_per_trial"],
-            use_gpu=run["gpus_per_worker"] > 0,
-            resources_per_worker={"CPU": run["cpus_per_worker"], "GPU": run["gpus_per_worker"]},
-            placement_strategy=run.get("placement_strategy", "PACK"),
-        ),
-        run_config=ray.train.RunConfig(
-            name=trial_name(point),
-            storage_path=str(experiment / "train"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            # Retries live at the Tune level (one layer): a failed run fails the trial, Tune restarts it and
-            # this function builds the same-named trainer, which resumes from its latest checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    try:
+    try:  # from here on, a failure leaves a record that says why (also one before training started)
+        init_checkpoint = None
+        if cfg.init_from == INIT_FROM_FP32 and cfg.bit != FP32_BIT:
+            init_checkpoint = str(fp32_checkpoint(experiment, point, cfg))
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"train": asdict(cfg), "record_path": str(rec_path),
+                               "driver_started_at": started, "experiment_path": str(experiment),
+                               "init_checkpoint": init_checkpoint, "cpus_per_worker": run["cpus_per_worker"],
+                               "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=run["workers_per_trial"],
+                use_gpu=run["gpus_per_worker"] > 0,
+                resources_per_worker={"CPU": run["cpus_per_worker"], "GPU": run["gpus_per_worker"]},
+                placement_strategy=run.get("placement_strategy", "PACK"),
+            ),
+            run_config=ray.train.RunConfig(
+                name=trial_name(point),
+                storage_path=str(experiment / "train"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                # Retries live at the Tune level (one layer): a failed run fails the trial, Tune restarts it
+                # and this function builds the same-named trainer, which resumes from its latest checkpoint.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
         trainer.fit()
     except Exception as exc:
         previous = read_record(rec_path) or summarize(cfg, [])
@@ -255,14 +235,12 @@ def trial_driver(config: dict[str, Any]) -> None:
         raise
 
 
-def param_space(points: list[dict[str, Any]], train: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """Tune's search space: one ``grid_search`` over the grid points (``SweepConfig.trials()``: not a plain
-    cross product, since FP32 is one trial per arch x seed), as the trial config's ``point``
-    (`apot.config.grid_point` reads it); the rest fixed."""
-    from ray import tune
-
-    return {"point": tune.grid_search([{k: p[k] for k in GRID_KEYS} for p in points]), "train": train,
-            "run": run}
+def trial_configs(points: list[dict[str, Any]], train: dict[str, Any], run: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+    """One Tune trial config per grid point (``SweepConfig.trials()``: not a plain cross product, since
+    FP32 is one trial per arch x seed): the point as ``point`` (`apot.config.grid_point` reads it), the
+    shared ``train`` and ``run`` settings. `apot.fp32_first.GridPoints` hands them to Tune."""
+    return [{"point": {k: p[k] for k in GRID_KEYS}, "train": train, "run": run} for p in points]
 
 
 def collect_records(experiment: Path, points: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -204,6 +204,24 @@ def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
                     p.fill_(float(cfg.act_alpha_init))
 
 
+CUDA_NUMERICS = "float32 (TF32 off), cudnn.benchmark off"
+"""How a GPU trial computes (`use_cuda_numerics`), as the provenance records it.
+
+float32, not TF32: TF32 rounds a convolution's inputs to a 10-bit mantissa, and the quantized weights
+(alpha x level) and activations feed the convolutions; in float32 a GPU trial computes what the CPU's does
+(within summation order), so CPU and GPU results, and the reference's, compare directly. The speed TF32 could
+buy is small here: a quantized step's time goes to the quantizers' elementwise work, not the convolutions.
+cudnn.benchmark off: cuDNN then picks its algorithms by heuristics, the same in every process on the same GPU
+and shapes, rather than by timing them, which can pick differently in a run and in its resume."""
+
+
+def use_cuda_numerics() -> None:
+    """Set `CUDA_NUMERICS` for this process (before the model's first CUDA kernel)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+
+
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors, lists and numbers: a checkpoint then loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -227,7 +245,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device visible when saved; a resume may see fewer (or more) devices. Device i gets
+        # saved state i where both exist: a trial's own device is device 0 under Ray (one GPU visible per
+        # worker), so its stream continues; states of devices not visible now are dropped.
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +320,7 @@ def run_trial(
     device = device or resolve_device(cfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        use_cuda_numerics()
     _check_distinct_gpus(device, info)
     per_rank_batch = cfg.per_rank_batch(info.world_size)
 

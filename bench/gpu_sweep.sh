@@ -1,57 +1,78 @@
 #!/usr/bin/env bash
-# The full sweep on a lent GPU through the product's own path: python tune_sweep.py, 24 trials x 25 epochs,
-# the seed's hyper-parameters (search_space.yaml), resources: auto (single-rank trials packed on the GPU),
-# train.compile: auto (one CUDA graph per step). bench/README.md has the exact run-tool calls.
+# The full sweep on a GPU machine through the product's own path, python tune_sweep.py: the 27 trials of
+# search_space.yaml (3 archs x (FP32 + 4 bit widths x APoT and uniform)) x 25 epochs, resources: auto
+# (single-rank trials packed on the GPUs), train.compile: auto (one CUDA graph per step).
 #
-#   OUT=DIR bash bench/gpu_sweep.sh            # DEADLINE=480 (s) by default; continues a stopped sweep
+#   bash bench/gpu_sweep.sh OUT DEADLINE_S [tune_sweep.py flags ...]
 #
-# Needs, carried with the tree (git-ignored): .gpu/ray (bash ../shared/tools/device-ray-bundle.sh .gpu/ray)
-# and .gpu/mnist/MNIST/raw/*.gz. The sweep lives in .gpu/runs (kept on the machine while it stays warm), so
-# a second call resumes it with --resume. At DEADLINE the sweep gets SIGINT (Tune saves its state and
-# stops; every finished epoch is already checkpointed) and the report is rebuilt from the records.
-# Brought back in $OUT (the run tool returns at most 8 files): results.json, results.csv, tables.md,
-# accuracy_vs_bits.png, learning_curves.png, timing.md (bench/sweep_timing.py), README.md with the tables
-# (complete sweeps only) and extras.tar.gz: records/, sweep_config.json, timing.json, gpu_usage.csv (nvidia-smi every 5 s), logs.
+# OUT: a folder for the results, written while the sweep runs: sweep.log (the sweep's output as it prints;
+#   appended to by each call),
+#   records/ (each trial's record, copied every few seconds: a run cut short still returns every finished
+#   trial), gpu_usage.csv (nvidia-smi every 5 s); at the end results.json, results.csv, tables.md, the two
+#   PNGs, sweep_config.json and timing.md (bench/sweep_timing.py).
+# DEADLINE_S: seconds after which the sweep is stopped with SIGTERM, the sweep's graceful stop (every trial
+#   stops at its last checkpoint, the tables are written, exit 143). Allow about a minute more for the stop
+#   itself; a second SIGTERM follows after STOP_GRACE_S (default 90) if it has not exited by then.
+# Run it again with the same storage to continue: --resume is added when the sweep already exists there.
+# Environment: APOT_DATA_DIR (the MNIST root; or pass --data-dir), PYTHON (default python3). Flags go to
+# tune_sweep.py as they are (default storage: runs/gpu), e.g. --set train.compile=compile.
 set -uo pipefail
+[ $# -ge 2 ] || { echo "usage: bash bench/gpu_sweep.sh OUT DEADLINE_S [tune_sweep.py flags ...]" >&2; exit 2; }
+out=$1 deadline=$2
+shift 2
+[[ "$deadline" =~ ^[0-9]+$ ]] || { echo "gpu_sweep.sh: DEADLINE_S must be whole seconds, got '$deadline'" >&2; exit 2; }
+grace=${STOP_GRACE_S:-90}
 cd "$(dirname "$0")/.." || exit 2
-out=${OUT:-/tmp/apot-gpu-sweep}
-deadline=${DEADLINE:-480}
-storage=.gpu/runs
-experiment=$storage/apot_mnist
-mkdir -p "$out"
-t0=$(date +%s)
-# shellcheck source=/dev/null
-source .gpu/ray/install.sh || { echo "FATAL: Ray bundle did not import"; exit 3; }
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-extras=$(mktemp -d)
-read -ra extra_args <<< "${APOT_SWEEP_ARGS:-}"  # e.g. APOT_SWEEP_ARGS="--set train.compile=compile"
+# shellcheck source=bench/gpu_lib.sh
+source bench/gpu_lib.sh
+flags=(--storage runs/gpu --display plain "$@")  # a --storage among "$@" comes later and wins
+experiment=$(experiment_path "${flags[@]}") || exit 2
+mkdir -p "$out/records" || exit 2
 resume=()
 [ -f "$experiment/sweep_config.json" ] && resume=(--resume)
-nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$extras/gpu_usage.csv" &
-smi=$!
-echo "setup $(( $(date +%s) - t0 )) s; sweep ${resume[*]:-new}, deadline ${deadline} s"
-s0=$(date +%s)
-timeout --signal=INT --kill-after=45 "$deadline" \
-  python3 tune_sweep.py --data-dir .gpu/mnist --storage "$storage" --display plain --update-readme \
-  "${resume[@]}" "${extra_args[@]}" > "$extras/sweep.log" 2>&1
-rc=$?
-wall=$(( $(date +%s) - s0 ))
-kill "$smi" 2>/dev/null
-echo "tune_sweep.py exit $rc after $wall s"
-tail -n 40 "$extras/sweep.log"
-if [ "$rc" -ne 0 ]; then  # stopped or failed: rebuild the results files from the records (not the README)
-  python3 tune_sweep.py --report-only --data-dir .gpu/mnist --storage "$storage" > "$extras/report.log" 2>&1
+echo "sweep: $experiment (${resume[*]:-new}), stopped after $deadline s; results in $out"
+
+smi=
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$out/gpu_usage.csv" &
+  smi=$!
 fi
-for f in results.json results.csv tables.md accuracy_vs_bits.png learning_curves.png; do
+copy_records() {  # new or changed records only
+  [ -d "$experiment/records" ] && cp -u "$experiment"/records/*.json "$out/records/" 2> /dev/null
+  return 0
+}
+
+t0=$(date +%s)
+"$py" tune_sweep.py "${flags[@]}" "${resume[@]}" > >(tee -a "$out/sweep.log") 2>&1 &
+sweep=$!
+stopped_at=
+while kill -0 "$sweep" 2> /dev/null; do
+  sleep 2
+  copy_records
+  now=$(date +%s)
+  if [ -z "$stopped_at" ] && [ $(( now - t0 )) -ge "$deadline" ]; then
+    echo "gpu_sweep.sh: deadline ($deadline s): SIGTERM, the sweep stops at its last checkpoints"
+    kill -TERM "$sweep" 2> /dev/null
+    stopped_at=$now
+  elif [ -n "$stopped_at" ] && [ $(( now - stopped_at )) -ge "$grace" ]; then
+    echo "gpu_sweep.sh: not stopped after $grace s: SIGTERM again (exits at once; records are on disk)"
+    kill -TERM "$sweep" 2> /dev/null
+    stopped_at=$(( now + 100000 ))  # once
+  fi
+done
+wait "$sweep"
+rc=$?
+wall=$(( $(date +%s) - t0 ))
+[ -n "$smi" ] && kill "$smi" 2> /dev/null
+echo "gpu_sweep.sh: tune_sweep.py exit $rc after $wall s"
+
+copy_records
+for f in results.json results.csv tables.md accuracy_vs_bits.png learning_curves.png sweep_config.json; do
   [ -f "$experiment/$f" ] && cp "$experiment/$f" "$out/"
 done
-[ -f "$experiment/sweep_config.json" ] && cp "$experiment/sweep_config.json" "$extras/"
-[ -d "$experiment/records" ] && cp -r "$experiment/records" "$extras/"
-[ "$rc" -eq 0 ] && cp README.md "$out/README.md"
-total_wall=$(( $(cat "$storage/wall_s" 2>/dev/null || echo 0) + wall ))  # all calls of this sweep
-echo "$total_wall" > "$storage/wall_s"
-python3 bench/sweep_timing.py "$experiment" --wall "$total_wall" --json "$extras/timing.json" > "$out/timing.md"
-cat "$out/timing.md"
-tar -C "$extras" -czf "$out/extras.tar.gz" .
-echo "total $(( $(date +%s) - t0 )) s"
+total=$(( $(cat "$experiment/gpu_sweep_wall_s" 2> /dev/null || echo 0) + wall ))  # every call of this sweep
+[ -d "$experiment" ] && echo "$total" > "$experiment/gpu_sweep_wall_s"
+if [ -d "$experiment/records" ]; then
+  "$py" bench/sweep_timing.py "$experiment" --wall "$total" > "$out/timing.md" && cat "$out/timing.md"
+fi
 exit "$rc"

@@ -265,7 +265,7 @@ class FakeTrial:
 
 
 def tune_config(p: dict[str, Any], epochs: int = 25) -> dict[str, Any]:
-    """A Tune trial's config as `apot.sweep.param_space` shapes it: the grid point under ``point``."""
+    """A Tune trial's config as `apot.sweep.trial_configs` shapes it: the grid point under ``point``."""
     return {"point": p, "train": {"epochs": epochs, "lr": 0.01}, "run": {"workers_per_trial": 2}}
 
 
@@ -274,7 +274,6 @@ def test_callback_maps_trial_events_onto_the_model(tmp_path: Path) -> None:
     cb = TuneDisplayCallback(progress)
     trial = FakeTrial(tune_config(point(), epochs=4))
     other = FakeTrial(tune_config(point(power=False), epochs=4), trial_id="abc_00001")
-    cb.on_step_begin(iteration=0, trials=[trial, other])
     cb.on_trial_start(iteration=1, trials=[trial], trial=trial)
     cb.on_trial_result(iteration=2, trials=[trial], trial=trial,
                        result={**metrics(1, 4), "training_iteration": 1, "trial_id": "abc_00000"})
@@ -299,18 +298,6 @@ def test_callback_maps_trial_events_onto_the_model(tmp_path: Path) -> None:
     assert "resnet18 4-bit uniform s0  ERROR  ray.train.WorkerGroupError" in out.getvalue()
 
 
-def test_callback_marks_trials_a_resumed_run_restored_quietly() -> None:
-    progress, out, _ = plain([point(), point(power=False)], epochs=4)
-    cb = TuneDisplayCallback(progress)
-    restored = FakeTrial(tune_config(point(), 4), status="TERMINATED", last_result=metrics(4, 4))
-    pending = FakeTrial(tune_config(point(power=False), 4), status="PENDING")
-    cb.on_step_begin(iteration=0, trials=[restored, pending])
-    assert progress.rows["resnet18_b4_apot_s0"].state == "TERMINATED"
-    assert progress.rows["resnet18_b4_apot_s0"].epoch == 4
-    assert progress.rows["resnet18_b4_uniform_s0"].state == "PENDING"
-    assert out.getvalue() == ""
-
-
 def test_callback_without_error_file_still_marks_the_error() -> None:
     progress, _, _ = plain([point()])
     trial = FakeTrial(tune_config(point()))
@@ -332,7 +319,7 @@ def test_callback_hooks_match_ray_tune() -> None:
     from ray.tune import Callback
 
     ours = {n for n in vars(TuneDisplayCallback) if n.startswith("on_")}
-    assert ours == {"on_step_begin", "on_trial_start", "on_trial_result", "on_trial_complete",
+    assert ours == {"on_trial_start", "on_trial_result", "on_trial_complete",
                     "on_trial_recover", "on_trial_error"}
     for name in ours:
         ray_params = list(inspect.signature(getattr(Callback, name)).parameters)

@@ -154,7 +154,8 @@ def test_projection_equals_brute_force(bit, power, signed):
     u4 = u[: 2 * 3 * 4 * 5].reshape(2, 3, 4, 5)
     assert torch.equal(project(u4, lv), expected[: u4.numel()].reshape(u4.shape))
     u64 = torch.randn(3000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(nearest_level(u64, lv, lookup_table(lv)), brute_force(u64, lv.double()))
+    assert torch.equal(nearest_level(u64, lv), brute_force(u64, lv.double()))
+    assert torch.equal(nearest_level(u64, None, lookup_table(lv.double())), brute_force(u64, lv.double()))
 
 
 def test_exact_midpoints_go_to_the_lower_level():
@@ -374,8 +375,20 @@ def test_quantizer_functions_work_without_grad_and_on_other_dtypes():
     with torch.no_grad():
         out = quantize_activation(x, torch.tensor(2.0), lv, lookup_table(lv))
     assert torch.equal(out, 2.0 * brute_force((x / 2.0).clamp(max=1), lv))
-    out64 = quantize_activation(x.double(), torch.tensor(2.0, dtype=torch.float64), lv, lookup_table(lv))
+    out64 = quantize_activation(x.double(), torch.tensor(2.0, dtype=torch.float64), lv, None)
     assert out64.dtype == torch.float64
+
+
+def test_a_table_of_another_dtype_is_refused_not_worked_around():
+    """A float32 table (the layers' buffers) with float64 input: one line saying so, not a silent switch to
+    the level-set search (host syncs and data-dependent shapes, which break a compiled or captured step)."""
+    lv = levels(3, power=True)
+    x = torch.rand(4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^nearest_level: the lookup table is torch.float32 on cpu but the "
+                                         r"input is torch.float64 on cpu; move the model"):
+        nearest_level(x, lv, lookup_table(lv))
+    with pytest.raises(ValueError, match=r"the lookup table is torch.float32"):
+        quantize_activation(x, torch.tensor(2.0, dtype=torch.float64), None, lookup_table(lv))
 
 
 def test_8bit_layers():

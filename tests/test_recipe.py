@@ -279,11 +279,10 @@ def test_fp32_is_one_trial_per_arch_and_seed_and_a_row_in_both_tables() -> None:
 
 def test_tune_space_holds_each_point_once() -> None:
     from apot.config import grid_point, trial_name
-    from apot.sweep import param_space
+    from apot.sweep import trial_configs
 
     cfg = load_config(SHIPPED)
-    grid = param_space(cfg.trials(), cfg.train, {})["point"]["grid_search"]
-    names = [trial_name(grid_point({"point": p})) for p in grid]
+    names = [trial_name(grid_point(c)) for c in trial_configs(cfg.trials(), cfg.train, {})]
     assert len(names) == len(set(names)) == 27 and names.count("resnet18_fp32_s0") == 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -16,6 +17,14 @@ from test_sweep import REPO, run_sweep, sweep_cmd
 
 EPOCHS = 5
 EPOCH_LINE = re.compile(r"^\S+ \S+ (?P<trial>\S.*?)\s+epoch (?P<epoch>\d+)/\d+\s", re.M)
+
+
+class RunsWhenUnpickled:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # unpickling calls os.system(command)
+        return (os.system, (self.command,))
 
 
 def epochs_shown(output: str) -> dict[str, list[int]]:
@@ -58,8 +67,12 @@ def test_sigterm_mid_sweep_writes_tables_and_resume_completes(synthetic_mnist_ro
     tables = (experiment / "tables.md").read_text()
     assert "| incomplete |" in tables and "running" not in tables, tables
 
+    # --resume must not unpickle Tune's state: a tuner.pkl that runs a command when unpickled stays unrun
+    canary = tmp_path / "unpickled"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(RunsWhenUnpickled(f"touch {canary}")))
     r = run_sweep(*cmd, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not canary.exists(), "--resume unpickled Tune's state from the storage folder"
     # What the resumed run trained: from the last registered checkpoint on. Every epoch reported before the
     # signal is kept; at most one more is trained again (the epoch in flight: its record can be written
     # before Ray Train registers its checkpoint, and the stop can come in between).

@@ -57,7 +57,7 @@ def test_padded_table_projects_exactly_as_the_unpadded_one(bit: int, power: bool
     assert torch.equal(project_table(u, small), expected)
     assert torch.equal(project_table(u, padded), expected)
     assert torch.equal(table_levels(padded), lv)  # the exact level set, for the fallback projection
-    assert torch.equal(nearest_level(u.double(), None, padded), project(u.double(), lv))  # fallback path
+    assert torch.equal(nearest_level(u.double(), table_levels(padded)), project(u.double(), lv))
 
 
 @pytest.mark.parametrize(("bit", "power"), [(b, p) for b in LEVEL_BITS for p in (True, False)])
@@ -253,3 +253,79 @@ def test_make_capturable_keeps_values_and_moves_the_lr() -> None:
     assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match=r"cudagraph captures torch.optim.SGD steps, got Adam"):
         make_capturable(torch.optim.Adam(model.parameters()), CPU)
+
+
+# ---------------------------------------------------------------------------- work shared across trials
+def test_one_compile_lock_key_for_every_bit_and_quantizer_of_an_arch() -> None:
+    """Trials whose compiled graphs are the same take turns compiling (compile_lock), so the first compiles
+    and the rest load it: every bit width and quantizer of an arch must have one key; FP32 (no clipping
+    parameters: another graph) and another arch have others."""
+    from apot.models import create_model
+    from apot.quant import LEVEL_BITS
+
+    x = torch.zeros(8, 1, 28, 28)
+
+    def key(arch: str, bit: int, power: bool) -> str:
+        torch.manual_seed(0)
+        model = create_model(arch, bit, power=power, width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = build_step(model, opt, F.cross_entropy, mode="compile", device=torch.device("cpu"))
+        return step._graph_key(x)
+
+    quantized = {key("resnet18", bit, power) for bit in LEVEL_BITS for power in (True, False)}
+    assert len(quantized) == 1
+    assert key("resnet18", 32, True) not in quantized
+    assert key("resnet10", 4, True) not in quantized
+
+
+def test_a_captured_step_refuses_a_batch_of_another_shape() -> None:
+    """After capture, a batch of another shape must fail in one line: an eager step outside the graph would
+    rebind the gradients away from the graph's buffers and every later replay would train on stale ones.
+    (The check runs before any CUDA call, so a stand-in graph shows it on the CPU.)"""
+    model = nn.Linear(4, 3)
+    step = build_step(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, mode="eager",
+                      device=torch.device("cpu"))
+    replays: list[int] = []
+
+    class Graph:
+        def replay(self) -> None:
+            replays.append(1)
+
+    static = (torch.zeros(8, 4), torch.zeros(8, dtype=torch.long), torch.zeros(()), torch.zeros(8, 3))
+    step.mode, step._graph, step._static = "cudagraph", Graph(), static
+    step(torch.ones(8, 4), torch.ones(8, dtype=torch.long))
+    assert replays == [1] and torch.equal(static[0], torch.ones(8, 4))  # a full batch replays
+    with pytest.raises(ValueError, match=r"^compile: cudagraph captured the step for batches of \(8, 4\) and "
+                                         r"labels \(8,\), got \(5, 4\) and \(5,\); feed full batches only"):
+        step(torch.ones(5, 4), torch.ones(5, dtype=torch.long))
+    assert replays == [1] and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_capture_tolerates_cuda_work_on_another_thread() -> None:
+    """Ray's and NCCL's threads run beside the capture: with capture_error_mode="thread_local" another
+    thread's CUDA calls do not invalidate it."""
+    import threading
+
+    device = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(device)
+    step = build_step(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy,
+                      mode="cudagraph", device=device)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            torch.cuda.is_available()
+            torch.cuda.current_stream(device).query()
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        x, y = torch.randn(8, 16, device=device), torch.randint(0, 4, (8,), device=device)
+        for _ in range(5):
+            loss, _ = step(x, y)
+    finally:
+        stop.set()
+        other.join()
+    assert step._graph is not None and torch.isfinite(loss)

@@ -158,6 +158,42 @@ def test_resumed_rng_continues_the_same_streams(tmp_path: Path) -> None:
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
 
+@pytest.mark.parametrize("visible", [1, 3])
+def test_rng_restore_with_another_number_of_cuda_devices(visible: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resources may change on resume: a checkpoint saved with 2 visible CUDA devices restores on 1 (the
+    trial's own device, device 0 under Ray, gets its state; the other is dropped) and on 3 (devices 0 and 1
+    get theirs). The CUDA calls are stood in for, checking the device index as CUDA would."""
+    from apot.train import _set_rng_state
+
+    restored: dict[int, torch.Tensor] = {}
+
+    def set_rng_state(state: torch.Tensor, device: int | str | torch.device = "cuda") -> None:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index >= visible:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        restored[index] = state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
+    saved = {**_rng_state_without_cuda(), "cuda": [torch.full((16,), 7, dtype=torch.uint8),
+                                                   torch.full((16,), 9, dtype=torch.uint8)]}
+    _set_rng_state(saved)
+    assert sorted(restored) == list(range(min(visible, 2)))
+    for index, state in restored.items():
+        assert torch.equal(state, saved["cuda"][index])
+
+
+def _rng_state_without_cuda() -> dict:
+    from apot.train import _rng_state
+
+    state = _rng_state()
+    state.pop("cuda", None)
+    return state
+
+
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run(_train_cmd(tmp_path / "nowhere", tmp_path / "out", 1), env=_env(), capture_output=True,
                        text=True)

@@ -41,8 +41,10 @@ _AUGMENT_STREAM = 1
 class DeviceMNIST:
     """MNIST held on the training device as uint8; batches normalised (and augmented) on the device.
 
-    Batches are ``(x float32 (B, 1, 28, 28) normalised, y int64 (B,))`` on `device`. The same code and the
-    same batches (bitwise, given the same inputs) on CPU and GPU.
+    Batches are ``(x float32 (B, 1, 28, 28) normalised, y int64 (B,))`` on `device`. The same code on CPU
+    and GPU: the order, shifts and affine parameters come from CPU generators, so both draw the same images,
+    labels and augmentations for a given seed and epoch; ``affine``'s bilinear resampling may then differ in
+    the last bits between devices. (What the model then computes on a GPU: `apot.train.CUDA_NUMERICS`.)
 
     Args:
         train_images, train_labels, test_images, test_labels: uint8 (N, 28, 28) and int64 (N,) tensors.

@@ -131,6 +131,7 @@ class TrialRow:
     retries: int = 0
     started_at: float | None = None  # clock() when the trial (or its retry) started running
     startup_s: float | None = None  # start -> first epoch result, minus that epoch: Ray and process start-up
+    from_record: bool = False  # finished before this run (its record): a resume re-reports it, trains nothing
 
     @property
     def quantizer(self) -> str:
@@ -237,6 +238,7 @@ class SweepProgress:
             history = list(record.get("history") or [])
             state = record.get("state")
             row.state = state if state in FINISHED else "PENDING"
+            row.from_record = state == "TERMINATED"
             row.epoch = int(record.get("epochs_done", len(history)) or 0)
             row.error = one_line(record.get("error")) if state == "ERROR" else None
             row.best_test_acc = record.get("best_test_acc")
@@ -249,9 +251,12 @@ class SweepProgress:
                 row.images_per_s = last.get("images_per_s")
 
     def trial_started(self, point: Mapping[str, Any], epochs: int | None = None) -> None:
-        """A trial (or its retry) started running."""
+        """A trial (or its retry) started running. A trial finished before this run only re-reports its
+        record: it shows as finished, with no line."""
         with self._lock:
             row = self._row(point, epochs)
+            if row.from_record:
+                return
             row.state = "RUNNING"
             row.started_at, row.startup_s = self.clock(), None
             self._state_line(row)
@@ -286,6 +291,8 @@ class SweepProgress:
     def trial_completed(self, point: Mapping[str, Any]) -> None:
         with self._lock:
             row = self._row(point)
+            if row.from_record:  # finished in an earlier run; its TERMINATED line is in that run's log
+                return
             row.state = "TERMINATED"
             row.error = None
             self._state_line(row, overall=True)

@@ -167,12 +167,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume, device=ray.train.torch.get_device(),
                        compile_cache=loop_config.get("compile_cache"),
                        init_checkpoint=loop_config.get("init_checkpoint"))
-    if rank == 0:
-        write_record(result["history"], result["state"])
-        if result["state"] == "TERMINATED" and final["state"] is not None:  # the result is safe; now export
+    if rank == 0:  # one write: a TERMINATED record is final (a kill during the export leaves RUNNING, and a
+        exported: dict[str, Any] = {}  # resume then finds every epoch checkpointed, trains none, exports)
+        if result["state"] == "TERMINATED" and final["state"] is not None:
             point = {k: getattr(cfg, k) for k in GRID_KEYS}
             exported = export_trial(final["state"], Path(loop_config["experiment_path"]), point)
-            write_record(result["history"], result["state"], **exported)
+        write_record(result["history"], result["state"], **exported)
 
 
 # ---------------------------------------------------------------------------------------- Tune trainable

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from apot.config import trial_name
 from apot.display import QUIET_RAY_ENV, SweepProgress, TuneDisplayCallback, format_duration, one_line
 
 T0 = 1_800_000_000.0  # 2027-01-15, a fixed clock start
@@ -348,3 +349,25 @@ def test_a_finished_trial_reported_from_its_record_prints_no_epoch_line() -> Non
     assert any("TERMINATED" in line for line in lines(out))
     progress.trial_result(point(bit=2), metrics(1, epochs=3))  # a trained epoch still prints
     assert any("epoch 1/3" in line for line in lines(out))
+
+
+def test_a_trial_finished_before_a_resume_prints_no_state_line() -> None:
+    """A resume re-runs every grid point under a fresh Tuner; one whose record says TERMINATED only
+    re-reports it. It shows as finished and prints nothing (no RUNNING, no second TERMINATED: the Slurm
+    time-limit test reads those as a finished trial started again); a stopped one resumes and prints."""
+    from apot.config import FROM_RECORD
+
+    progress, out, _ = plain([point(), point(bit=2)], epochs=3)
+    record = {**point(), "state": "TERMINATED", "config": {"epochs": 3},
+              "history": [{"epoch": e, "epoch_s": 1.0, "test_acc": 99.0} for e in (1, 2, 3)]}
+    progress.mark_record(record)
+    progress.mark_record({**point(bit=2), "state": "INCOMPLETE", "config": {"epochs": 3},
+                          "history": [{"epoch": 1, "epoch_s": 1.0, "test_acc": 98.0}]})
+    before = list(lines(out))
+    progress.trial_started(point())
+    progress.trial_result(point(), {**metrics(3, epochs=3), FROM_RECORD: True})
+    progress.trial_completed(point())
+    finished = progress.rows[trial_name(point())]
+    assert lines(out) == before and finished.state == "TERMINATED" and finished.epoch == 3
+    progress.trial_started(point(bit=2))
+    assert any("RUNNING" in line for line in lines(out)[len(before):]), lines(out)

@@ -5,6 +5,7 @@ start) only when it has failed for good."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +35,10 @@ def private_ray() -> Iterator[None]:
         for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             env.setenv(key, "")  # start_ray sets them
         env.delenv("RAY_ADDRESS", raising=False)
+        # Ray's workers import the stand-in trainable from this module, as pytest imported it: by its name,
+        # from tests/ (pytest puts that folder on the driver's sys.path; the workers get it from here).
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO),
+                                                              os.environ.get("PYTHONPATH")])))
         session = start_ray(None, num_cpus=4, include_dashboard=False, logging_level="ERROR",
                             log_to_driver=False)
         try:

@@ -80,7 +80,11 @@ def test_sweep_logs_one_run_per_trial_and_resume_continues_it(synthetic_mnist_ro
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.time() + 300
-    while not EPOCH_LINE.search(log.read_text()):
+    def checkpointed() -> bool:  # a RUNNING record is written once its epoch's checkpoint is persisted
+        records = (experiment / "records").glob("*.json") if (experiment / "records").exists() else []
+        return any(json.loads(r.read_text()).get("state") == "RUNNING" for r in records)
+
+    while not (EPOCH_LINE.search(log.read_text()) and checkpointed()):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "no epoch reported in time"
         time.sleep(0.2)

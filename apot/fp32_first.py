@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from apot.checkpoint import write_json
 from apot.config import FP32_BIT, grid_point, trial_name
 from apot.recipe import INIT_FROM_FP32, TrainConfig
-from apot.sweep import STOP_MARKER, read_record, record_path
+from apot.sweep import STOP_MARKER, fp32_point, read_record, record_path
 from apot.train import summarize
 
 
@@ -32,7 +32,7 @@ def needs_fp32(config: Mapping[str, Any]) -> str | None:
     point = grid_point(config)
     if config["train"].get("init_from") != INIT_FROM_FP32 or point["bit"] == FP32_BIT:
         return None
-    return trial_name({**point, "bit": FP32_BIT})
+    return trial_name(fp32_point(point))
 
 
 class GridPoints(Searcher):

@@ -276,9 +276,11 @@ class SweepProgress:
             for key in ("train_loss", "test_acc", "images_per_s"):
                 if metrics.get(key) is not None:
                     setattr(row, key, float(metrics[key]))
-            best = metrics.get("best_test_acc")
-            candidates = [v for v in (best, row.best_test_acc, row.test_acc) if v is not None]
-            row.best_test_acc = max(candidates) if candidates else None
+            best = metrics.get("best_test_acc")  # the trial's own: a restart from epoch 1 forgets the record's
+            if best is None:
+                candidates = [v for v in (row.best_test_acc, row.test_acc) if v is not None]
+                best = max(candidates) if candidates else None
+            row.best_test_acc = best
             if metrics.get("epoch_s") is not None:
                 row.epoch_s[row.epoch] = float(metrics["epoch_s"])
                 if row.startup_s is None and row.started_at is not None:

@@ -192,6 +192,20 @@ def test_resumed_sweep_marks_records() -> None:
     assert lines(out)[0].endswith("sweep  3 trials (1 finished earlier), 1 at a time")
 
 
+def test_restarted_trial_shows_its_own_best_not_the_stale_record() -> None:
+    """A record that claims epochs with no checkpoint behind them (a lost run) restarts at epoch 1: the
+    best shown is the new run's, not the record's."""
+    progress, out, _ = plain([point()], epochs=3)
+    stale = {**point(), "state": "RUNNING", "config": {"epochs": 3}, "epochs_done": 2, "best_test_acc": 99.5,
+             "error": None, "history": [metrics(e, 3, epoch_s=5.0, test_acc=99.5) for e in (1, 2)]}
+    progress.mark_record(stale)
+    progress.trial_started(point(), 3)
+    progress.trial_result(point(), metrics(1, 3, test_acc=97.0, best_test_acc=97.0))
+    assert progress.rows["resnet18_b4_apot_s0"].best_test_acc == 97.0
+    epoch_line = [line for line in lines(out) if "epoch 1/3" in line][-1]
+    assert "best 97.00%" in epoch_line, epoch_line
+
+
 # ------------------------------------------------------------------------------------------ rich view
 def render(progress: SweepProgress) -> str:
     console = Console(file=io.StringIO(), width=160, color_system=None)

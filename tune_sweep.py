@@ -353,6 +353,8 @@ def _fit(cfg: SweepConfig, args: argparse.Namespace, experiment: Path, ray_init_
     with progress:
         if stop.received is None:  # else stopped before the trials started
             tuner.fit()
+        for record in collect_records(experiment, cfg.trials()):
+            progress.settle(record)
     return {"hardware": hardware, "ray_init_s": round(ray_init_s, 1), "concurrency": concurrency}
 
 

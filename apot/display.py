@@ -299,6 +299,15 @@ class SweepProgress:
             row.error = None
             self._state_line(row, overall=True)
 
+    def settle(self, record: Mapping[str, Any]) -> None:
+        """After the trials ran: a trial whose record says TERMINATED though this run never saw it finish (it
+        finished as a stop came, before Tune reported it) is shown finished now, once."""
+        with self._lock:
+            row = self.rows.get(trial_name(record))
+            unseen = row is not None and record.get("state") == "TERMINATED" and row.state != "TERMINATED"
+        if unseen:
+            self.trial_completed(record)
+
     def trial_errored(self, point: Mapping[str, Any], error: str | None = None) -> None:
         """The trial failed for good (its retries are used up)."""
         with self._lock:

@@ -206,6 +206,24 @@ def test_restarted_trial_shows_its_own_best_not_the_stale_record() -> None:
     assert "best 97.00%" in epoch_line, epoch_line
 
 
+def test_settle_shows_a_trial_that_finished_as_the_stop_came_once() -> None:
+    pts = [point(), point(power=False), point("resnet34")]
+    progress, out, _ = plain(pts, epochs=1)
+    earlier = {**point("resnet34"), "state": "TERMINATED", "config": {"epochs": 1}, "epochs_done": 1,
+               "error": None, "history": [metrics(1, 1, epoch_s=5.0)]}
+    progress.mark_record(earlier)
+    with progress:
+        for p in pts[:2]:
+            progress.trial_started(p, 1)
+            progress.trial_result(p, metrics(1, 1))
+        progress.trial_completed(pts[0])  # Tune saw this one finish; the stop came before it saw pts[1]
+        for p in pts:
+            progress.settle({**p, "state": "TERMINATED"})
+    finished = [line.split()[2] for line in lines(out) if " TERMINATED " in line]
+    assert sorted(finished) == ["resnet18"] * 2, lines(out)  # both this run's, once each; not resnet34's
+    assert progress.rows["resnet18_b4_uniform_s0"].state == "TERMINATED"
+
+
 # ------------------------------------------------------------------------------------------ rich view
 def render(progress: SweepProgress) -> str:
     console = Console(file=io.StringIO(), width=160, color_system=None)

@@ -84,10 +84,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p, n, f, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
     signatures = {
-        "act_forward": ([p, p, n, f, p, n, i], None),
-        "act_backward": ([p, p, p, n, f, p, n, f, i], d),
-        "weight_forward": ([p, p, n, f, f, f, p, n, i], None),
-        "weight_backward": ([p, p, p, n, f, f, f, p, n, f, f, i], d),
+        "quant_forward": ([p, p, n, f, f, f, p, i, i], None),
+        "quant_backward": ([p, p, p, n, f, f, f, i, p, i, f, f, i], d),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
@@ -158,28 +156,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def act_forward(x: torch.Tensor, alpha: float, table: torch.Tensor) -> torch.Tensor:
     """alpha * P(x / alpha), in ``x``'s layout."""
-    out = torch.empty_like(x)
-    library().act_forward(x.data_ptr(), out.data_ptr(), x.numel(), alpha, table.data_ptr(), table.shape[1],
-                          torch.get_num_threads())
-    return out
+    return weight_forward(x, 0.0, alpha, alpha, table)
 
 
 def act_backward(x: torch.Tensor, g: torch.Tensor, alpha: float, table: torch.Tensor, high: float,
                  need_grad_x: bool) -> tuple[torch.Tensor | None, float]:
     """(g keep(u), sum g (P(u) - u keep(u))) with u = x / alpha; keep(u) = [u < high]."""
-    g = _like(g, x)
-    grad_x = torch.empty_like(x) if need_grad_x else None
-    total = library().act_backward(x.data_ptr(), g.data_ptr(), _ptr(grad_x), x.numel(), alpha,
-                                   table.data_ptr(), table.shape[1], high, torch.get_num_threads())
-    return grad_x, total
+    return _backward(x, g, 0.0, alpha, 1.0, True, table, float("-inf"), high, need_grad_x)
 
 
 def weight_forward(w: torch.Tensor, mean: float, scale: float, alpha: float,
                    table: torch.Tensor) -> torch.Tensor:
     """alpha * P((w - mean) / scale), in ``w``'s layout."""
     out = torch.empty_like(w)
-    library().weight_forward(w.data_ptr(), out.data_ptr(), w.numel(), mean, scale, alpha, table.data_ptr(),
-                             table.shape[1], torch.get_num_threads())
+    library().quant_forward(w.data_ptr(), out.data_ptr(), w.numel(), mean, scale, alpha, table.data_ptr(),
+                            table.shape[1], torch.get_num_threads())
     return out
 
 
@@ -187,8 +178,14 @@ def weight_backward(w: torch.Tensor, g: torch.Tensor, mean: float, scale: float,
                     table: torch.Tensor, low: float, high: float,
                     need_grad_w: bool) -> tuple[torch.Tensor | None, float]:
     """(g / std, sum g (P(u) - u keep(u))) with u = (w - mean) / scale; keep(u) = [low < u < high]."""
-    g = _like(g, w)
-    grad_w = torch.empty_like(w) if need_grad_w else None
-    total = library().weight_backward(w.data_ptr(), g.data_ptr(), _ptr(grad_w), w.numel(), mean, scale, std,
-                                      table.data_ptr(), table.shape[1], low, high, torch.get_num_threads())
-    return grad_w, total
+    return _backward(w, g, mean, scale, std, False, table, low, high, need_grad_w)
+
+
+def _backward(x: torch.Tensor, g: torch.Tensor, shift: float, scale: float, grad_div: float, mask_grad: bool,
+              table: torch.Tensor, low: float, high: float, need_grad: bool) -> tuple[torch.Tensor | None, float]:
+    g = _like(g, x)
+    grad_x = torch.empty_like(x) if need_grad else None
+    total = library().quant_backward(x.data_ptr(), g.data_ptr(), _ptr(grad_x), x.numel(), shift, scale, grad_div,
+                                     int(mask_grad), table.data_ptr(), table.shape[1], low, high,
+                                     torch.get_num_threads())
+    return grad_x, total

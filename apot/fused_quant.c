@@ -66,25 +66,33 @@ static inline double slope_dot(const float *restrict g, const float *restrict u,
     return sum;
 }
 
-/* Activation forward: out = alpha * P(x / alpha). */
-void act_forward(const float *restrict x, float *restrict out, int64_t n, float alpha, const float *table,
-                 int bins, int threads) {
+/* u[j] = (x[j] - shift) / scale for j < m: the activation quantizer's x / alpha (shift 0, exact: x - 0 is x),
+ * the weight quantizer's standardised (w - mean) / (std alpha). */
+static inline void load_block(const float *restrict x, float *restrict u, int64_t m, float shift, float scale) {
+    for (int64_t j = 0; j < m; j++) u[j] = (x[j] - shift) / scale;
+}
+
+/* Forward: out = alpha * P((x - shift) / scale). */
+void quant_forward(const float *restrict x, float *restrict out, int64_t n, float shift, float scale, float alpha,
+                   const float *table, int bins, int threads) {
     const LevelSet s = read_table(table, bins);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t b = 0; b < blocks; b++) {
         float u[BLOCK], q[BLOCK];
         const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        for (int64_t j = 0; j < m; j++) u[j] = x[start + j] / alpha;
+        load_block(x + start, u, m, shift, scale);
         project_block(u, q, m, &s);
         for (int64_t j = 0; j < m; j++) out[start + j] = q[j] * alpha;
     }
 }
 
-/* Activation backward, u = x / alpha: grad_x = g keep(u) (grad_x may be NULL); returns
- * sum g (P(u) - u keep(u)). */
-double act_backward(const float *restrict x, const float *restrict g, float *restrict grad_x, int64_t n,
-                    float alpha, const float *table, int bins, float high, int threads) {
+/* Backward, u = (x - shift) / scale: grad_x = g keep(u) when mask_grad (the activation's clipped straight-
+ * through estimator), else g / grad_div (the weight's, through the standardisation); grad_x may be NULL.
+ * Returns sum g (P(u) - u keep(u)), the alpha gradient before its scale. */
+double quant_backward(const float *restrict x, const float *restrict g, float *restrict grad_x, int64_t n,
+                      float shift, float scale, float grad_div, int mask_grad, const float *table, int bins,
+                      float low, float high, int threads) {
     const LevelSet s = read_table(table, bins);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     double total = 0.0;
@@ -92,46 +100,12 @@ double act_backward(const float *restrict x, const float *restrict g, float *res
     for (int64_t b = 0; b < blocks; b++) {
         float u[BLOCK], q[BLOCK];
         const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        for (int64_t j = 0; j < m; j++) u[j] = x[start + j] / alpha;
+        load_block(x + start, u, m, shift, scale);
         project_block(u, q, m, &s);
-        if (grad_x)
-            for (int64_t j = 0; j < m; j++) grad_x[start + j] = keep(u[j], -INFINITY, high) ? g[start + j] : 0.0f;
-        total += slope_dot(g + start, u, q, m, -INFINITY, high);
-    }
-    return total;
-}
-
-/* Weight forward, u = (w - mean) / scale (scale = std * alpha, as the caller computed it):
- * out = alpha * P(u). */
-void weight_forward(const float *restrict w, float *restrict out, int64_t n, float mean, float scale,
-                    float alpha, const float *table, int bins, int threads) {
-    const LevelSet s = read_table(table, bins);
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        float u[BLOCK], q[BLOCK];
-        const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        for (int64_t j = 0; j < m; j++) u[j] = (w[start + j] - mean) / scale;
-        project_block(u, q, m, &s);
-        for (int64_t j = 0; j < m; j++) out[start + j] = q[j] * alpha;
-    }
-}
-
-/* Weight backward: grad_w = g / std (grad_w may be NULL); returns sum g (P(u) - u keep(u)). */
-double weight_backward(const float *restrict w, const float *restrict g, float *restrict grad_w, int64_t n,
-                       float mean, float scale, float std, const float *table, int bins, float low, float high,
-                       int threads) {
-    const LevelSet s = read_table(table, bins);
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    double total = 0.0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : total) if (n >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        float u[BLOCK], q[BLOCK];
-        const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        for (int64_t j = 0; j < m; j++) u[j] = (w[start + j] - mean) / scale;
-        project_block(u, q, m, &s);
-        if (grad_w)
-            for (int64_t j = 0; j < m; j++) grad_w[start + j] = g[start + j] / std;
+        if (grad_x && mask_grad)
+            for (int64_t j = 0; j < m; j++) grad_x[start + j] = keep(u[j], low, high) ? g[start + j] : 0.0f;
+        else if (grad_x)
+            for (int64_t j = 0; j < m; j++) grad_x[start + j] = g[start + j] / grad_div;
         total += slope_dot(g + start, u, q, m, low, high);
     }
     return total;

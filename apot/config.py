@@ -623,15 +623,16 @@ def _fits(available: float, needed: float) -> float:
     return math.floor(available / needed + 1e-9) if needed > 0 else math.inf
 
 
-def check_resources(cfg: SweepConfig, available: Mapping[str, float]) -> int:
+def check_resources(cfg: SweepConfig, available: Mapping[str, float], n_trials: int) -> int:
     """Check one trial fits the cluster; return how many trials to run at once.
 
     Args:
         available: Ray-style totals, e.g. ``ray.cluster_resources()`` or `local_resources()`.
+        n_trials: how many trials the sweep has (``len(cfg.trials())``).
 
     Returns:
         ``resources.max_concurrent_trials`` if set, else how many whole trials fit in the CPUs and GPUs
-        (capped at the number of trials, at least 1).
+        (capped at ``n_trials``, at least 1).
     """
     res = cfg.resources
     if AUTO in (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker):
@@ -654,6 +655,6 @@ def check_resources(cfg: SweepConfig, available: Mapping[str, float]) -> int:
         )
     if res.max_concurrent_trials is not None:
         return res.max_concurrent_trials
-    fit = min(_fits(cpus, res.cpus_per_trial), _fits(gpus, res.gpus_per_trial), len(cfg.trials()))
+    fit = min(_fits(cpus, res.cpus_per_trial), _fits(gpus, res.gpus_per_trial), n_trials)
     return max(1, int(fit))
 

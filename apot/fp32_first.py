@@ -56,7 +56,7 @@ class GridPoints(Searcher):
         self.running: dict[str, str] = {}  # Tune trial id -> trial name, for the trials suggested
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles its config into the experiment folder (never read back: `tune_sweep._fit`); the
+        """Tune pickles its config into the experiment folder (never read back: `apot.orchestrate`); the
         callback holds the live display, which does not pickle."""
         return {**self.__dict__, "on_dropped": None}
 

@@ -2,8 +2,9 @@
 torch, Ray), the GPUs and the exact command.
 
 ``collect(argv)`` returns the flat dict the sweep stores in ``results.json`` under ``provenance`` and
-``apot.report`` shows in the "Made with" line. Only argv is recorded, never the environment: secrets (Ray's
-auth token, cluster credentials) live there and must never reach a results file.
+``apot.report`` shows in the "Made with" line (the sweep adds ``hardware``: `hardware_line`). Only argv is
+recorded, never the environment: secrets (Ray's auth token, cluster credentials) live there and must never
+reach a results file.
 
 Keys (None where unknown):
     ``code``       one line for people: ``apot 0.1.0, git 1a2b3c4d5e6f (uncommitted changes)``, or
@@ -99,6 +100,24 @@ def _cuda_model() -> str | None:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def hardware_line() -> str:
+    """One line for the results: the live nodes and CPUs of the Ray cluster this process has joined (Ray
+    must be initialised) and the CPU model of this host; GPUs are `gpus`."""
+    import ray
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    res = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    return f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"
 
 
 def command_line(argv: list[str] | None = None) -> str:

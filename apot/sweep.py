@@ -15,7 +15,7 @@ Storage layout of one experiment (``<storage>/<name>``)::
     exports/<trial>.onnx                   the same as an ONNX graph, with the onnx extra (apot.onnx_export)
     compile_cache/                         compiled graphs shared by every trial (apot.step.use_compile_cache)
     sweep_config.json                      the resolved sweep config the experiment started with
-    stopping                               present while a signal stops the sweep (tune_sweep.py)
+    stopping                               present while a signal stops the sweep (apot.orchestrate)
     results.json/.csv, tables.md, accuracy_vs_bits.png, learning_curves.png
 """
 
@@ -36,8 +36,8 @@ from apot.train import TrainConfig, run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
 COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)
-# Written by tune_sweep.py when a signal stops the sweep: a trial whose TorchTrainer then raises (Tune removes
-# its placement group) was stopped, it did not fail.
+# Written by apot.orchestrate.GracefulStop when a signal stops the sweep: a trial whose TorchTrainer then
+# raises (Tune removes its placement group) was stopped, it did not fail.
 STOP_MARKER = "stopping"
 
 

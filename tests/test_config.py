@@ -90,7 +90,7 @@ def test_quick_applies_its_section_only_with_the_flag() -> None:
     assert cfg.train["lr"] == 0.01  # untouched keys keep the file's values
     assert cfg.resources.workers_per_trial == "auto" and cfg.resources.cpus_per_worker == "auto"
     assert len(cfg.trials()) == 27  # same grid
-    assert check_resources(cfg, {"CPU": 2, "GPU": 0}) == 2  # two single-rank trials on a 2-core CPU
+    assert check_resources(cfg, {"CPU": 2, "GPU": 0}, 27) == 2  # two single-rank trials on a 2-core CPU
 
 
 # ------------------------------------------------------------------------------------------ --set
@@ -248,18 +248,18 @@ def test_gpus_asked_where_none_exist() -> None:
     cfg = _cfg("resources.gpus_per_worker=1")
     with pytest.raises(ConfigError, match=r"^resources\.gpus_per_worker: 1 asks for GPUs but the cluster has "
                                           r"none; set it to 0 to train on CPU$"):
-        check_resources(cfg, {"CPU": 2, "GPU": 0})
+        check_resources(cfg, {"CPU": 2, "GPU": 0}, len(cfg.trials()))
     with pytest.raises(ConfigError, match="asks for GPUs"):
-        check_resources(cfg, {"CPU": 2})  # Ray omits GPU when there is none
+        check_resources(cfg, {"CPU": 2}, len(cfg.trials()))  # Ray omits GPU when there is none
 
 
 def test_a_trial_that_cannot_fit_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"one trial needs workers_per_trial x cpus_per_worker = "
                                           r"4 x 1 = 4 CPUs but the cluster has 2"):
-        check_resources(_cfg("resources.workers_per_trial=4"), {"CPU": 2, "GPU": 0})
+        check_resources(_cfg("resources.workers_per_trial=4"), {"CPU": 2, "GPU": 0}, 27)
     with pytest.raises(ConfigError, match=r"= 2 GPUs but the cluster has 1"):
         check_resources(_cfg("resources.gpus_per_worker=1", "resources.workers_per_trial=2"),
-                        {"CPU": 8, "GPU": 1})
+                        {"CPU": 8, "GPU": 1}, 27)
 
 
 @pytest.mark.parametrize(("overrides", "available", "expected"), [
@@ -279,7 +279,8 @@ def test_a_trial_that_cannot_fit_is_refused() -> None:
     (("resources.max_concurrent_trials=3",), {"CPU": 2}, 3),       # configured wins
 ])
 def test_derived_concurrency(overrides: tuple[str, ...], available: dict, expected: int) -> None:
-    assert check_resources(_cfg(*overrides), available) == expected
+    cfg = _cfg(*overrides)
+    assert check_resources(cfg, available, len(cfg.trials())) == expected
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")

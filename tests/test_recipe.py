@@ -519,16 +519,16 @@ def _stored_sweep(tmp_path: Path, *overrides: str) -> Path:
 def test_a_sweep_resumes_from_another_data_dir_and_step_mode_only(tmp_path: Path) -> None:
     """The sweep applies the same identity as checkpoints and records: --resume from another MNIST folder or
     with another train.compile continues the stored sweep; another training setting is refused."""
-    from tune_sweep import check_resume_matches
+    from apot.orchestrate import check_resume_matches
 
     experiment = _stored_sweep(tmp_path, "data_dir=/old/mnist", "train.compile=auto")
     moved = load_config(SHIPPED, overrides=["train.compile=eager"], data_dir="/new/mnist")
     assert moved.data_dir != json.loads((experiment / "sweep_config.json").read_text())["data_dir"]
-    assert check_resume_matches(moved, experiment) == []
+    assert check_resume_matches(moved, moved.trials(), experiment) == []
     changed = load_config(SHIPPED, overrides=["train.lr=0.02"], data_dir="/old/mnist")
     with pytest.raises(ConfigError, match=r"differs from the sweep stored at .*: train\.lr=0\.01 \(this run: "
                                           r"0\.02\); .*only --data-dir and train\.compile may change"):
-        check_resume_matches(changed, experiment)
+        check_resume_matches(changed, changed.trials(), experiment)
 
 
 def test_a_checkpoint_resumes_on_another_device_data_dir_and_step_mode(tmp_path: Path) -> None:

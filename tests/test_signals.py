@@ -87,8 +87,8 @@ def test_sigterm_mid_sweep_writes_tables_and_resume_completes(synthetic_mnist_ro
 
 SECOND_SIGNAL = """
 import sys, time
-import tune_sweep
-stop = tune_sweep.GracefulStop()
+from apot.orchestrate import GracefulStop
+stop = GracefulStop()
 stop.install()
 print("ready", flush=True)
 deadline = time.monotonic() + 60

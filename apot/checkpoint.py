@@ -105,14 +105,8 @@ def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
 
 
 def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, Any]:
-    """The model state dict of `load_init_state`."""
-    return load_init_state(source, arch, width)["model"]
-
-
-def load_init_state(source: str | Path, arch: str, width: int) -> dict[str, Any]:
-    """The checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that a trial of ``arch`` /
-    ``width`` starts from (``TrainConfig.init_from``), and distils from (``distill``): ``model`` and
-    ``config`` are what a trial uses of it.
+    """The model state dict of the checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that a
+    trial of ``arch`` / ``width`` starts from (``TrainConfig.init_from``).
 
     Raises ``CheckpointError`` (one line) if there is no such file, it is unreadable, or it was trained
     for another arch or width. Any bit width and quantizer is accepted: the clipping thresholds (``*_alpha``)
@@ -130,4 +124,4 @@ def load_init_state(source: str | Path, arch: str, width: int) -> dict[str, Any]
             for k, want in (("arch", arch), ("width", width)) if saved.get(k) != want]
     if diff:
         raise CheckpointError(f"init_from: {path} was trained for another model: {', '.join(diff)}")
-    return state
+    return state["model"]

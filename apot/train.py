@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,7 @@ from apot.checkpoint import (
     RESULT_FILE,
     CheckpointError,
     load_checkpoint,
-    load_init_state,
     load_init_weights,
-    model_from_state,
     save_checkpoint,
     write_json,
 )
@@ -151,38 +148,11 @@ def start_from_checkpoint(model: nn.Module, cfg: TrainConfig, source: str | os.P
 
 
 def init_source(cfg: TrainConfig, init_checkpoint: str | os.PathLike[str] | None) -> str | None:
-    """The checkpoint this trial starts from (and distils from): ``init_checkpoint`` (what a sweep resolved
+    """The checkpoint this trial starts from: ``init_checkpoint`` (what a sweep resolved
     ``fp32`` to), else ``cfg.init_from``; None for a trial from scratch, FP32 trials of a sweep included."""
     if cfg.init_from is None or (cfg.init_from == INIT_FROM_FP32 and cfg.bit == FULL_PRECISION):
         return None
     return str(init_checkpoint) if init_checkpoint is not None else cfg.init_from
-
-
-def load_teacher(source: str, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The distillation teacher: the model of checkpoint ``source`` (its own bit width and quantizer), frozen,
-    in eval mode (BN uses its running statistics). One-line ``CheckpointError`` as `start_from_checkpoint`."""
-    if source == INIT_FROM_FP32:
-        raise CheckpointError(f"distill: the teacher {INIT_FROM_FP32!r} names a sweep's FP32 trial; outside "
-                              "a sweep give --init-from the checkpoint itself")
-    state = load_init_state(source, cfg.arch, cfg.width)
-    try:
-        with torch.random.fork_rng(devices=[]):  # its init must not move the trial's RNG (exact resume)
-            teacher = model_from_state(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"distill: {source}: its weights do not fit its own config "
-                              f"({str(exc).strip().splitlines()[0][:160]})") from None
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-def distillation_loss(weight: float, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
-    """``loss(s, y, t) = (1 - weight) * CE(s, y) + weight * KL(softmax(t) || softmax(s))``, batch mean,
-    for student logits ``s``, labels ``y`` and teacher logits ``t`` (temperature 1)."""
-    def loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        hard = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        soft = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(teacher_logits, dim=1), log_target=True,
-                        reduction="batchmean")
-        return (1.0 - weight) * hard + weight * soft
-    return loss
 
 
 def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
@@ -340,7 +310,6 @@ def run_trial(
         history = list(resume_state["history"])
         start_epoch = int(resume_state["epoch"])
     source = init_source(cfg, init_checkpoint)
-    teacher = load_teacher(source, cfg, device) if cfg.distill and source is not None else None
     if resume_state is None:
         if source is not None:
             start_from_checkpoint(model, cfg, source)  # (a sweep's FP32 trials start from scratch)
@@ -349,14 +318,7 @@ def run_trial(
         if info.distributed else model
     if compile_cache is not None and cfg.compile != "eager":
         use_compile_cache(compile_cache)
-    if teacher is not None:
-        loss_fn = distillation_loss(cfg.distill, cfg.label_smoothing)
-    elif cfg.label_smoothing:
-        loss_fn = partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
-    else:
-        loss_fn = F.cross_entropy
-    step = build_step(net, opt, loss_fn, mode=cfg.compile, device=device, world_size=info.world_size,
-                      teacher=teacher)
+    step = build_step(net, opt, F.cross_entropy, mode=cfg.compile, device=device, world_size=info.world_size)
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -487,13 +449,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {d.alpha_weight_decay})")
     p.add_argument("--ws-grad", action=argparse.BooleanOptionalAction,
                    help=f"gradient through the weight standardisation (default {d.ws_grad})")
-    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start the weights from this trusted apot checkpoint (file or folder), e.g. a "
                         "--bit 32 run's --out (default: from scratch)")
-    p.add_argument("--distill", type=float,
-                   help="weight of the distillation loss from the --init-from model, in [0, 1] "
-                        f"(default {d.distill})")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $APOT_DATA_DIR or ./data)")
     p.add_argument("--device", help=f"default {d.device}")
     p.add_argument("--compile", choices=STEP_MODES,

@@ -25,7 +25,8 @@ __all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32
            "TrainConfig"]
 
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENTS = ("shift", "affine", "none")
+AUGMENTS = ("shift", "none")
+"""Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
 MNIST_TRAIN_IMAGES = 60_000
 FP32_BIT = 32
 """``bit`` of full precision: no quantizer anywhere (in a sweep, one trial per arch and seed: the ceiling)."""
@@ -36,7 +37,7 @@ def quantizer_name(power: bool) -> str:
     ``power=True``) or ``uniform``."""
     return "apot" if power else "uniform"
 
-"""Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
+
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
 INIT_FROM_FP32 = "fp32"
@@ -83,8 +84,7 @@ class TrainConfig:
             75% of the epochs) or ``constant``; it scales every parameter group alike.
         train_subset: train on the first N training images (quick runs); the test split is always all 10k.
         augment: of the training images (`apot.data.DeviceMNIST`): ``shift`` (random integer shift in
-            [-2, 2] px), ``affine`` (random rotation in [-10, 10] degrees, zoom in [0.9, 1.1] and shift in
-            [-2, 2] px, bilinear) or ``none``; never a flip (a flipped digit is another glyph).
+            [-2, 2] px) or ``none``; never a flip (a flipped digit is another glyph).
         act_alpha_init: ``calibrate`` (MSE-optimal per layer on a batch of training images) or a number,
             every activation alpha's start.
         weight_alpha_init: ``mse`` (MSE-optimal per layer for its standardised weight) or a number.
@@ -200,9 +200,11 @@ ADDED_SETTINGS: dict[str, Any] = {}
 # Settings removed since sweeps and checkpoints were stored, each with the value at which it did nothing: a
 # stored config holding that value is the same trial as one without the key (a resume never retrains it, a
 # report shows it as any other); another value is a trial this code does not train: `identity_changes` names
-# it and the report's Hyper-Params cell shows it (`removed_settings_used`). docs/EXPERIMENTS.md has what each
-# measured; commit REMOVED_AFTER is the last that has them.
+# it and the report's Hyper-Params cell shows it (`removed_settings_used`). Likewise REMOVED_CHOICES, values
+# of a field that remains (a stored ``augment: affine`` differs from every trial this code trains).
+# docs/EXPERIMENTS.md has what each measured; commit REMOVED_AFTER is the last that has them.
 REMOVED_SETTINGS: dict[str, Any] = {"distill": 0.0, "label_smoothing": 0.0}
+REMOVED_CHOICES: dict[str, tuple[Any, ...]] = {"augment": ("affine",)}
 REMOVED_AFTER = "a9e5893"
 
 
@@ -213,8 +215,10 @@ def with_other_versions(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def removed_settings_used(config: dict[str, Any]) -> dict[str, Any]:
-    """The `REMOVED_SETTINGS` that a stored ``config`` sets to something other than their no-op value."""
-    return {k: config[k] for k, off in REMOVED_SETTINGS.items() if k in config and config[k] != off}
+    """What a stored ``config`` sets that this code cannot train: the `REMOVED_SETTINGS` it holds at another
+    value than their no-op one, and the `REMOVED_CHOICES` it holds."""
+    removed = {k: config[k] for k, off in REMOVED_SETTINGS.items() if k in config and config[k] != off}
+    return {**removed, **{k: config[k] for k, values in REMOVED_CHOICES.items() if config.get(k) in values}}
 
 
 # The trial identity: which `TrainConfig` fields make two runs the same trial, so that one may resume the

@@ -113,8 +113,8 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
     """The paper README's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
     ``_fp32init`` for a quantized trial that started from its FP32 trial's weights (``init_from: fp32``;
     those weights had their own epochs), or ``_init`` from another checkpoint; then ``_<key><value>`` for
-    each setting since removed that the trial's config sets (`apot.recipe.removed_settings_used`, e.g.
-    ``_distill0.5``), so that its row is not read as this code's recipe.
+    each setting or value since removed that the trial's config sets (`apot.recipe.removed_settings_used`,
+    e.g. ``_distill0.5``, ``_augment_affine``), so that its row is not read as this code's recipe.
 
     Args:
         config: the trial's TrainConfig as a dict (``batch_size``, ``lr``, ``weight_decay``, ``epochs``);
@@ -131,7 +131,7 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
     if init_from is not None and config.get("bit") != FP32_BIT:
         cell += "_fp32init" if init_from == "fp32" else "_init"
     removed = removed_settings_used(config)
-    return cell + "".join(f"_{k}{v:g}" if _is_number(v) else f"_{k}{v}" for k, v in removed.items())
+    return cell + "".join(f"_{k}{v:g}" if _is_number(v) else f"_{k}_{v}" for k, v in removed.items())
 
 
 def _is_number(value: Any) -> bool:

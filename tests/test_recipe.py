@@ -243,8 +243,8 @@ def test_one_source_of_train_defaults() -> None:
     ("train.weight_alpha_init=0", r"train.weight_alpha_init: 0 must be 'mse' or a number > 0$"),
     ("train.ws_grad=yes please", r"train.ws_grad: 'yes please' must be true or false$"),
     ("train.preset=fast", r"train.preset: 'fast' is not a preset .*; allowed: default, paper$"),
-    ("train.augment=flip", r"train.augment: 'flip' is not a training augmentation; allowed: shift, affine, "
-                           r"none$"),
+    ("train.augment=affine", r"train.augment: 'affine' is not a training augmentation; allowed: shift, "
+                             r"none$"),
     ("train.init_from=/x", r"train.init_from: '/x' is not how a sweep's trials start .*; allowed: fp32$"),
 ])
 def test_recipe_keys_are_validated_in_one_line(item: str, message: str) -> None:
@@ -421,6 +421,9 @@ def test_removed_settings_are_no_settings_and_show_in_the_hyper_params_cell() ->
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(REMOVED_SETTINGS) == {"distill", "label_smoothing"} and not names & set(REMOVED_SETTINGS)
+    with pytest.raises(ValueError, match=r"^augment: 'affine' is not a training augmentation; allowed: "
+                                         r"shift, none$"):
+        TrainConfig(augment="affine")
     for key in REMOVED_SETTINGS:
         with pytest.raises(ConfigError, match=rf"--set train.{key}=0.5: unknown key train.{key}"):
             load_config(SHIPPED, overrides=[f"train.{key}=0.5"])
@@ -434,6 +437,9 @@ def test_removed_settings_are_no_settings_and_show_in_the_hyper_params_cell() ->
     assert removed_settings_used({**stored, "distill": 0.5}) == {"distill": 0.5}
     assert hyper_params_cell({**stored, "distill": 0.5}) == f"{cell}_fp32init_distill0.5"
     assert hyper_params_cell({**stored, "bit": 32, "label_smoothing": 0.1}) == f"{cell}_label_smoothing0.1"
+    assert removed_settings_used({**stored, "augment": "affine"}) == {"augment": "affine"}  # a removed choice
+    assert hyper_params_cell({**stored, "augment": "affine"}) == f"{cell}_fp32init_augment_affine"
+    assert removed_settings_used({**stored, "augment": "none"}) == {}
 
 
 # ------------------------------------------------------------------------------------------ trial identity

@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from apot.calibrate import calibrate_act_alphas, init_weight_alphas, mse_alpha, quant_layers
+from apot.calibrate import calibrate_act_alphas, init_alphas, init_weight_alphas, mse_alpha, quant_layers
 from apot.config import DEFAULTS, ConfigError, load_config
 from apot.data import DeviceMNIST
 from apot.layers import QuantConv2d
 from apot.models import create_model
+from apot.optim import make_optimizer, make_scheduler
 from apot.quant import levels, quantize_weight, standardise
 from apot.recipe import PRESETS, TrainConfig, train_defaults
 from apot.report import markdown_tables
-from apot.train import init_alphas, make_optimizer, make_scheduler, parse_args, run_trial
+from apot.train import parse_args, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "search_space.yaml"
@@ -394,8 +395,7 @@ def test_a_stored_checkpoint_with_removed_settings_resumes_and_starts_a_trial(tm
     another trial, named as such."""
     import dataclasses
 
-    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from apot.train import start_from_checkpoint
+    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, start_from_checkpoint
 
     state = torch.load(STORED_FP32, map_location="cpu", weights_only=True)
     assert {"distill": 0.0, "label_smoothing": 0.0}.items() <= state["config"].items()

@@ -44,7 +44,7 @@ class DeviceMNIST:
     Batches are ``(x float32 (B, 1, 28, 28) normalised, y int64 (B,))`` on `device`. The same code on CPU
     and GPU: the order and the shifts come from CPU generators, so both draw the same images, labels and
     augmentations for a given seed and epoch. (What the model then computes on a GPU:
-    `apot.train.CUDA_NUMERICS`.)
+    `apot.distributed.CUDA_NUMERICS`.)
 
     Args:
         train_images, train_labels, test_images, test_labels: uint8 (N, 28, 28) and int64 (N,) tensors.

@@ -17,17 +17,26 @@ found by a grid search (``mse_alpha``). Two uses:
 
 Both are deterministic: the weights come from the seeded initialisation and the calibration batch is the
 first batch of the trial seed's epoch-0 permutation (``apot.data.DeviceMNIST.train_batches``), unaugmented.
+``init_alphas`` starts a fresh trial's alphas as its config says (``weight_alpha_init``, ``act_alpha_init``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from apot.layers import QuantConv2d
 from apot.quant import nearest_level, standardise
+from apot.recipe import ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE
 
-__all__ = ["CALIBRATION_IMAGES", "calibrate_act_alphas", "init_weight_alphas", "mse_alpha", "quant_layers"]
+if TYPE_CHECKING:
+    from apot.data import DeviceMNIST
+    from apot.recipe import TrainConfig
+
+__all__ = ["CALIBRATION_IMAGES", "calibrate_act_alphas", "init_alphas", "init_weight_alphas", "mse_alpha",
+           "quant_layers"]
 
 CALIBRATION_IMAGES = 512
 """Training images in the activation calibration batch."""
@@ -112,3 +121,22 @@ def calibrate_act_alphas(model: nn.Module, images: torch.Tensor) -> list[float]:
             buffer.copy_(copy)
         model.train(was_training)
     return found
+
+
+def init_alphas(model: nn.Module, cfg: TrainConfig, data: DeviceMNIST) -> None:
+    """Starting clipping thresholds of a fresh model (never on resume: the checkpoint holds the alphas).
+
+    ``weight_alpha_init`` / ``act_alpha_init``: a number, or ``mse`` / ``calibrate`` (`init_weight_alphas`,
+    `calibrate_act_alphas`); the calibration batch is the first ``CALIBRATION_IMAGES`` of the trial seed's
+    epoch-0 order, unaugmented, the same on every rank."""
+    weight = cfg.weight_alpha_init
+    init_weight_alphas(model, None if weight == ALPHA_INIT_MSE else float(weight))
+    if cfg.act_alpha_init == ALPHA_INIT_CALIBRATE:
+        size = min(CALIBRATION_IMAGES, data.num_train)
+        images, _ = next(data.train_batches(0, cfg.seed, 0, 1, size, augment=False))
+        calibrate_act_alphas(model, images)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("act_alpha"):
+                    p.fill_(float(cfg.act_alpha_init))

@@ -7,11 +7,15 @@ stopped: ``model``, ``optimizer``, ``scheduler`` state dicts, ``epoch`` (epochs 
 Only tensors, numbers, strings, lists and dicts: every load uses ``torch.load(weights_only=True)``, which
 unpickles nothing else, so a checkpoint on shared storage cannot run code when it is read. A file that needs
 more is refused.
+
+A checkpoint also starts other trials: ``init_from`` (progressive initialisation) loads its weights into a
+fresh model of another bit width (`start_from_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import torch
 
 from apot.atomic import atomic_write, atomic_write_bytes
 from apot.models import create_model
-from apot.recipe import identity_changes
+from apot.recipe import FP32_BIT, INIT_FROM_FP32, TrainConfig, identity_changes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
@@ -105,14 +109,8 @@ def model_from_state(state: dict[str, Any]) -> torch.nn.Module:
 
 
 def load_init_weights(source: str | Path, arch: str, width: int) -> dict[str, Any]:
-    """The model state dict of `load_init_state`."""
-    return load_init_state(source, arch, width)["model"]
-
-
-def load_init_state(source: str | Path, arch: str, width: int) -> dict[str, Any]:
-    """The checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that a trial of ``arch`` /
-    ``width`` starts from (``TrainConfig.init_from``), and distils from (``distill``): ``model`` and
-    ``config`` are what a trial uses of it.
+    """The model state dict of the checkpoint ``source`` (a ``checkpoint.pt`` or a folder holding one) that a
+    trial of ``arch`` / ``width`` starts from (``TrainConfig.init_from``).
 
     Raises ``CheckpointError`` (one line) if there is no such file, it is unreadable, or it was trained
     for another arch or width. Any bit width and quantizer is accepted: the clipping thresholds (``*_alpha``)
@@ -130,4 +128,32 @@ def load_init_state(source: str | Path, arch: str, width: int) -> dict[str, Any]
             for k, want in (("arch", arch), ("width", width)) if saved.get(k) != want]
     if diff:
         raise CheckpointError(f"init_from: {path} was trained for another model: {', '.join(diff)}")
-    return state
+    return state["model"]
+
+
+def init_source(cfg: TrainConfig, init_checkpoint: str | os.PathLike[str] | None) -> str | None:
+    """The checkpoint a fresh trial starts from: ``init_checkpoint`` (what a sweep resolved ``fp32`` to),
+    else ``cfg.init_from``; None for a trial from scratch, FP32 trials of a sweep included."""
+    if cfg.init_from is None or (cfg.init_from == INIT_FROM_FP32 and cfg.bit == FP32_BIT):
+        return None
+    return str(init_checkpoint) if init_checkpoint is not None else cfg.init_from
+
+
+def start_from_checkpoint(model: torch.nn.Module, cfg: TrainConfig,
+                          source: str | os.PathLike[str] | None = None) -> None:
+    """Load the weights and BN statistics of ``source`` (default ``cfg.init_from``) into a fresh ``model``:
+    progressive initialisation. Its clipping thresholds are skipped: `apot.calibrate.init_alphas` sets them
+    afresh.
+
+    Raises ``CheckpointError`` (one line) for a missing, unreadable or mismatched checkpoint."""
+    source = source if source is not None else cfg.init_from
+    if source == INIT_FROM_FP32:
+        raise CheckpointError(f"init_from: {INIT_FROM_FP32!r} names a sweep's full-precision trial; "
+                              "outside a sweep give the checkpoint itself (e.g. the --out of a --bit 32 run)")
+    weights = {k: v for k, v in load_init_weights(source, cfg.arch, cfg.width).items()
+               if not k.endswith("_alpha")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_alpha")]
+    if missing or unexpected:
+        raise CheckpointError(f"init_from: {source}: its weights do not fit {cfg.arch} (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")

@@ -432,7 +432,7 @@ def _validate_train(c: _Checker, train: dict[str, Any], workers: int) -> dict[st
         out[key] = c.integer(f"train.{key}", train[key])
     out["train_subset"] = c.integer("train.train_subset", train["train_subset"], nullable=True)
     numbers = ("lr", "weight_decay", "momentum", "alpha_lr", "alpha_weight_decay", "act_alpha_init",
-               "weight_alpha_init", "label_smoothing", "distill")
+               "weight_alpha_init")
     for key in numbers:
         value = out[key]
         if value is not None and value not in (ALPHA_INIT_CALIBRATE, ALPHA_INIT_MSE):

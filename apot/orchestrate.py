@@ -139,7 +139,7 @@ def dry_run(cfg: SweepConfig, trials: list[dict[str, Any]], available: dict[str,
             address: str | None) -> str:
     """What the sweep would run, without starting Ray: resolved config, trials with resources, concurrency."""
     from apot.step import resolve_mode
-    from apot.train import TrainConfig
+    from apot.recipe import TrainConfig
 
     res = cfg.resources
     concurrency = check_resources(cfg, available, len(trials))

@@ -14,7 +14,7 @@ Keys (None where unknown):
                    not track (a new module); other untracked files (results, logs) do not count
     ``python``, ``torch``, ``ray``   versions
     ``gpu_model``, ``gpu_count``     the cluster's GPUs (Ray's view when Ray is up, else this host's CUDA)
-    ``gpu_numerics``  how GPU trials compute (`apot.train.CUDA_NUMERICS`); None without GPUs
+    ``gpu_numerics``  how GPU trials compute (`apot.distributed.CUDA_NUMERICS`); None without GPUs
     ``command``    the command line, shell-quoted
 """
 
@@ -146,7 +146,7 @@ def collect(argv: list[str] | None = None) -> dict[str, Any]:
     """Everything above as one flat dict (see the module docstring for the keys)."""
     commit, dirty = git_state()
     model, count = gpus()
-    from apot.train import CUDA_NUMERICS
+    from apot.distributed import CUDA_NUMERICS
 
     return {"code": code_line(commit, dirty), "git_commit": commit, "git_dirty": dirty, **software(),
             "gpu_model": model, "gpu_count": count, "gpu_numerics": CUDA_NUMERICS if count else None,

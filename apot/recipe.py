@@ -9,8 +9,8 @@ Presets (``PRESETS``) are named sets of field values, applied under anything giv
   per-layer MSE-optimal starting alphas (weights from their standardised values, activations calibrated on
   a batch); in a sweep, each quantized trial also starts from its arch and seed's FP32 trial
   (`SWEEP_DEFAULTS`).
-  The alpha parameter group, ``ws_grad`` and label smoothing exist as settings, off until measured better.
-  docs/EXPERIMENTS.md has what each setting measured.
+  The alpha parameter group and ``ws_grad`` exist as settings, off until measured better.
+  docs/EXPERIMENTS.md has what each setting measured, those removed since included (`REMOVED_SETTINGS`).
 - ``paper``: as the reference's MNIST ``main.py`` trains: activation alphas start at 6.0 and weight alphas at
   3.0 for every bit width, one parameter group (the alphas share lr 0.01 and weight decay 1e-4), gradient
   through the weight standardisation, constant lr.
@@ -25,7 +25,8 @@ __all__ = ["ALPHA_INIT_CALIBRATE", "ALPHA_INIT_MSE", "AUGMENTS", "INIT_FROM_FP32
            "TrainConfig"]
 
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENTS = ("shift", "affine", "none")
+AUGMENTS = ("shift", "none")
+"""Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
 MNIST_TRAIN_IMAGES = 60_000
 FP32_BIT = 32
 """``bit`` of full precision: no quantizer anywhere (in a sweep, one trial per arch and seed: the ceiling)."""
@@ -36,7 +37,7 @@ def quantizer_name(power: bool) -> str:
     ``power=True``) or ``uniform``."""
     return "apot" if power else "uniform"
 
-"""Training augmentations of `apot.data.DeviceMNIST` (defined here, torch-free, for the config schema)."""
+
 ALPHA_INIT_CALIBRATE = "calibrate"
 """``act_alpha_init`` keyword: MSE-optimal per layer on a calibration batch (``apot.calibrate``)."""
 INIT_FROM_FP32 = "fp32"
@@ -52,11 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "alpha_lr": None,
         "alpha_weight_decay": None,
         "ws_grad": True,
-        "label_smoothing": 0.0,
         "schedule": "constant",
         "augment": "shift",
         "init_from": None,  # its MNIST README trains every bit width from scratch
-        "distill": 0.0,
     },
 }
 
@@ -85,8 +84,7 @@ class TrainConfig:
             75% of the epochs) or ``constant``; it scales every parameter group alike.
         train_subset: train on the first N training images (quick runs); the test split is always all 10k.
         augment: of the training images (`apot.data.DeviceMNIST`): ``shift`` (random integer shift in
-            [-2, 2] px), ``affine`` (random rotation in [-10, 10] degrees, zoom in [0.9, 1.1] and shift in
-            [-2, 2] px, bilinear) or ``none``; never a flip (a flipped digit is another glyph).
+            [-2, 2] px) or ``none``; never a flip (a flipped digit is another glyph).
         act_alpha_init: ``calibrate`` (MSE-optimal per layer on a batch of training images) or a number,
             every activation alpha's start.
         weight_alpha_init: ``mse`` (MSE-optimal per layer for its standardised weight) or a number.
@@ -94,16 +92,11 @@ class TrainConfig:
         alpha_weight_decay: weight decay of the alphas' group; None uses ``weight_decay``.
         ws_grad: differentiate through the weight standardisation's mean and std (the reference's MNIST
             code); False treats them as constants.
-        label_smoothing: of the training cross-entropy (the test loss is always plain).
         init_from: progressive initialisation (the reference's ``--pretrained`` / ``--init``): an apot
             checkpoint (``checkpoint.pt`` or its folder) of the same arch and width, any bit width, whose
             weights and BN statistics start this trial; the alphas are then initialised from those weights
             as ``act_alpha_init`` / ``weight_alpha_init`` say. In a sweep, ``fp32`` starts each quantized
             trial from the same arch and seed's full-precision trial of that sweep. None: from scratch.
-        distill: knowledge distillation from the ``init_from`` checkpoint's model (the FP32 trial in a
-            sweep), frozen, as the teacher: the training loss is ``(1 - distill) * CE(s, y) +
-            distill * KL(softmax(t) || softmax(s))`` for student logits s and teacher logits t (temperature
-            1). 0: plain cross-entropy. A trial with no ``init_from`` source (an FP32 trial) ignores it.
         preset: the name in ``PRESETS`` these values started from (a label; see `from_preset`).
         compile: how the training step runs (`apot.step`): ``auto``, ``eager``, ``compile`` or ``cudagraph``.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -127,9 +120,7 @@ class TrainConfig:
     alpha_lr: float | None = None
     alpha_weight_decay: float | None = None
     ws_grad: bool = False
-    label_smoothing: float = 0.0
     init_from: str | None = None
-    distill: float = 0.0
     preset: str = "default"
     compile: str = "auto"
     data_dir: str = "./data"
@@ -167,18 +158,9 @@ class TrainConfig:
                              "null or give alpha_lr")
         if not isinstance(self.ws_grad, bool):
             raise ValueError(f"ws_grad: {self.ws_grad!r} must be true or false")
-        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
-                or not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing: {self.label_smoothing!r} must be a number in [0, 1)")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ValueError(f"init_from: {self.init_from!r} must be a checkpoint path, {INIT_FROM_FP32!r} "
                              "(in a sweep) or null")
-        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) \
-                or not 0 <= self.distill <= 1:
-            raise ValueError(f"distill: {self.distill!r} must be a number in [0, 1]")
-        if self.distill and self.init_from is None:
-            raise ValueError(f"distill: {self.distill} needs a teacher, the init_from checkpoint's model: "
-                             f"set init_from ({INIT_FROM_FP32!r} in a sweep) or distill 0")
         _choice("preset", self.preset, tuple(PRESETS), "a preset (apot.recipe.PRESETS)")
         from apot.step import STEP_MODES  # lazily: it imports torch
 
@@ -213,12 +195,30 @@ class TrainConfig:
 
 # Settings added after sweeps and checkpoints were stored, each with the value that means what those did: a
 # stored config without the key is the same trial as one with this value (a resume never retrains it).
-ADDED_SETTINGS: dict[str, Any] = {"distill": 0.0}
+ADDED_SETTINGS: dict[str, Any] = {}
+
+# Settings removed since sweeps and checkpoints were stored, each with the value at which it did nothing: a
+# stored config holding that value is the same trial as one without the key (a resume never retrains it, a
+# report shows it as any other); another value is a trial this code does not train: `identity_changes` names
+# it and the report's Hyper-Params cell shows it (`removed_settings_used`). Likewise REMOVED_CHOICES, values
+# of a field that remains (a stored ``augment: affine`` differs from every trial this code trains).
+# docs/EXPERIMENTS.md has what each measured; commit REMOVED_AFTER is the last that has them.
+REMOVED_SETTINGS: dict[str, Any] = {"distill": 0.0, "label_smoothing": 0.0}
+REMOVED_CHOICES: dict[str, tuple[Any, ...]] = {"augment": ("affine",)}
+REMOVED_AFTER = "a9e5893"
 
 
-def with_added_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a stored trial config or a sweep's ``train:`` section) with `ADDED_SETTINGS` it lacks."""
-    return {**ADDED_SETTINGS, **config}
+def with_other_versions(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a stored trial config or a sweep's ``train:`` section) with the `ADDED_SETTINGS` and
+    `REMOVED_SETTINGS` it lacks: configs written by any version of this code then compare key for key."""
+    return {**ADDED_SETTINGS, **REMOVED_SETTINGS, **config}
+
+
+def removed_settings_used(config: dict[str, Any]) -> dict[str, Any]:
+    """What a stored ``config`` sets that this code cannot train: the `REMOVED_SETTINGS` it holds at another
+    value than their no-op one, and the `REMOVED_CHOICES` it holds."""
+    removed = {k: config[k] for k, off in REMOVED_SETTINGS.items() if k in config and config[k] != off}
+    return {**removed, **{k: config[k] for k, values in REMOVED_CHOICES.items() if config.get(k) in values}}
 
 
 # The trial identity: which `TrainConfig` fields make two runs the same trial, so that one may resume the
@@ -233,13 +233,17 @@ TRIAL_IDENTITY = tuple(f.name for f in fields(TrainConfig) if f.name not in MAY_
 
 
 def identity_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The `TRIAL_IDENTITY` fields on which two trial configs (``asdict(TrainConfig)``, a stored record's or
-    checkpoint's ``config``, or a sweep's ``train:`` section) differ, as ``key=stored (this run: value)``;
-    empty when ``now`` may resume ``stored``. A setting missing from a stored config has its `ADDED_SETTINGS`
-    value; a field neither has (a ``train:`` section holds no grid point) is not compared."""
-    stored, now = with_added_settings(stored), with_added_settings(now)
-    return [f"{k}={stored.get(k)!r} (this run: {now.get(k)!r})" for k in TRIAL_IDENTITY
-            if (k in stored or k in now) and stored.get(k) != now.get(k)]
+    """The `TRIAL_IDENTITY` fields and `REMOVED_SETTINGS` on which two trial configs (``asdict(TrainConfig)``,
+    a stored record's or checkpoint's ``config``, or a sweep's ``train:`` section) differ, as
+    ``key=stored (this run: value)``; empty when ``now`` may resume ``stored``. A setting missing from a
+    config has its `ADDED_SETTINGS` or `REMOVED_SETTINGS` value; a field neither has (a ``train:`` section
+    holds no grid point) is not compared."""
+    stored, now = with_other_versions(stored), with_other_versions(now)
+    changes = [f"{k}={stored.get(k)!r} (this run: {now.get(k)!r})" for k in TRIAL_IDENTITY
+               if (k in stored or k in now) and stored.get(k) != now.get(k)]
+    removed = [k for k in REMOVED_SETTINGS if stored[k] != now[k]]
+    return changes + [f"{k}={stored[k]!r} (this run: {now[k]!r}; a setting removed after commit "
+                      f"{REMOVED_AFTER}, docs/EXPERIMENTS.md)" for k in removed]
 
 
 # Keys that are not per-sweep training settings: the grid point's and the run's own.

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apot.atomic import atomic_write_bytes
-from apot.recipe import FP32_BIT, quantizer_name
+from apot.recipe import FP32_BIT, quantizer_name, removed_settings_used
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,8 +112,9 @@ def precision_cell(bit: int) -> str:
 def hyper_params_cell(config: dict[str, Any]) -> str:
     """The paper README's Hyper-Params cell from a trial's config: ``batch128_lr0.01_wd0.0001_25epoch``, plus
     ``_fp32init`` for a quantized trial that started from its FP32 trial's weights (``init_from: fp32``;
-    those weights had their own epochs), or ``_init`` from another checkpoint; then ``_kd<weight>`` when it
-    also distilled from that model (``distill``).
+    those weights had their own epochs), or ``_init`` from another checkpoint; then ``_<key><value>`` for
+    each setting or value since removed that the trial's config sets (`apot.recipe.removed_settings_used`,
+    e.g. ``_distill0.5``, ``_augment_affine``), so that its row is not read as this code's recipe.
 
     Args:
         config: the trial's TrainConfig as a dict (``batch_size``, ``lr``, ``weight_decay``, ``epochs``);
@@ -127,10 +128,10 @@ def hyper_params_cell(config: dict[str, Any]) -> str:
 
     cell = f"batch{num('batch_size')}_lr{num('lr')}_wd{num('weight_decay')}_{num('epochs')}epoch"
     init_from = config.get("init_from")
-    if init_from is None or config.get("bit") == FP32_BIT:
-        return cell
-    cell += "_fp32init" if init_from == "fp32" else "_init"
-    return cell + (f"_kd{config['distill']:g}" if config.get("distill") else "")
+    if init_from is not None and config.get("bit") != FP32_BIT:
+        cell += "_fp32init" if init_from == "fp32" else "_init"
+    removed = removed_settings_used(config)
+    return cell + "".join(f"_{k}{v:g}" if _is_number(v) else f"_{k}_{v}" for k, v in removed.items())
 
 
 def _is_number(value: Any) -> bool:

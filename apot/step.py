@@ -5,9 +5,6 @@ The loop in `apot.train` only ever calls ``loss, logits = step(x, y)``; how that
 
     logits = net(x);  loss = loss_fn(logits, y);  zero the grads;  loss.backward();  optimizer.step()
 
-With a ``teacher`` (knowledge distillation) the loss is ``loss_fn(logits, y, teacher(x))``, the teacher's
-forward inside the same step (compiled and captured with it), without gradients.
-
 and returns ``(loss, logits)`` detached. Modes (``TrainConfig.compile``):
 
     eager      plain PyTorch.
@@ -200,11 +197,9 @@ class TrainStep:
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, mode: str,
-                 world_size: int = 1, teacher: nn.Module | None = None,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.net, self.optimizer, self.loss_fn, self.mode = net, optimizer, loss_fn, mode
         self.memory_format = memory_format
-        self.teacher = teacher
         self.world_size = world_size
         self.setup_s = 0.0
         self.steps = 0
@@ -217,11 +212,7 @@ class TrainStep:
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = in_layout(x, self.memory_format)
         logits = self.net(x)
-        if self.teacher is None:
-            return self.loss_fn(logits, y), logits
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        return self.loss_fn(logits, y, teacher_logits), logits
+        return self.loss_fn(logits, y), logits
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits = self.forward(x, y)
@@ -277,9 +268,7 @@ class TrainStep:
         left out: the level sets, whose shapes differ per bit width, are not graph inputs, and the lookup
         tables have one shape for every bit width and quantizer (`apot.quant.TABLE_SCALE`), so all
         quantized trials of an arch share one key."""
-        modules = [self.net] if self.teacher is None else [self.net, self.teacher]
-        shapes = [[(n, tuple(t.shape)) for n, t in [*m.named_parameters(), *_saved_buffers(m)]]
-                  for m in modules]
+        shapes = [(n, tuple(t.shape)) for n, t in [*self.net.named_parameters(), *_saved_buffers(self.net)]]
         text = repr((shapes, tuple(x.shape), x.device.type, self.mode, COMPILE_BACKEND))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -304,8 +293,7 @@ class TrainStep:
 
 def build_step(
     net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *, mode: str = "auto",
-    device: torch.device, world_size: int = 1, teacher: nn.Module | None = None,
-    memory_format: torch.memory_format | None = None,
+    device: torch.device, world_size: int = 1, memory_format: torch.memory_format | None = None,
 ) -> TrainStep:
     """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper).
 
@@ -313,10 +301,9 @@ def build_step(
         net: called as ``net(x)`` for the logits.
         optimizer: built by the caller (any parameter groups); only ``cudagraph`` changes it
             (`make_capturable`).
-        loss_fn: ``loss_fn(logits, y)`` -> scalar loss; ``loss_fn(logits, y, teacher_logits)`` with a teacher.
+        loss_fn: ``loss_fn(logits, y)`` -> scalar loss.
         mode: one of `STEP_MODES` (``auto`` resolves with `resolve_mode`).
         device, world_size: where the step runs and the number of DDP ranks.
-        teacher: a frozen model in eval mode whose logits the loss distils from, or None.
         memory_format: the batch's layout in the step; None: `step_memory_format` of ``device``.
     """
     concrete = resolve_mode(mode, device, world_size)
@@ -330,4 +317,4 @@ def build_step(
         if hasattr(inductor_config, "eager_numerics"):
             inductor_config.eager_numerics.division_rounding = True
     memory_format = step_memory_format(device) if memory_format is None else memory_format
-    return TrainStep(net, optimizer, loss_fn, concrete, world_size, teacher, memory_format)
+    return TrainStep(net, optimizer, loss_fn, concrete, world_size, memory_format)

@@ -31,8 +31,8 @@ from typing import Any
 
 from apot.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, write_json
 from apot.config import FP32_BIT, FROM_RECORD, GRID_KEYS, grid_point, trial_name
-from apot.recipe import INIT_FROM_FP32, identity_changes
-from apot.train import TrainConfig, run_trial, summarize
+from apot.recipe import INIT_FROM_FP32, TrainConfig, identity_changes
+from apot.train import run_trial, summarize
 
 CHECKPOINTS_KEPT = 2
 COMPILE_CACHE = "compile_cache"  # <experiment>/compile_cache: Inductor/AOTAutograd caches (apot.step)

@@ -170,7 +170,7 @@ class MLflowTracking(Callback):
 
         from mlflow.entities import Param
 
-        from apot.train import TrainConfig
+        from apot.recipe import TrainConfig
 
         point = grid_point(config)
         train = asdict(TrainConfig.from_dict({**config["train"], **point}))

@@ -30,7 +30,8 @@ from torch import nn
 
 from apot.checkpoint import load_checkpoint, model_from_state
 from apot.data import DeviceMNIST
-from apot.train import DistInfo, evaluate
+from apot.distributed import DistInfo
+from apot.train import evaluate
 
 STATS_EPOCH = 10_000  # an epoch number no run trains: its permutation is the statistics' image order
 

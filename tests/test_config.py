@@ -66,7 +66,7 @@ def test_shipped_config_is_the_seeds_sweep_plus_fp32() -> None:
 
 
 def test_train_config_builds_a_trainconfig() -> None:
-    from apot.train import TrainConfig
+    from apot.recipe import TrainConfig
 
     cfg = load_config(SHIPPED)
     point = next(p for p in cfg.trials() if (p["arch"], p["bit"], p["power"]) == ("resnet18", 4, True))

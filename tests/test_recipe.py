@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from apot.calibrate import calibrate_act_alphas, init_weight_alphas, mse_alpha, quant_layers
+from apot.calibrate import calibrate_act_alphas, init_alphas, init_weight_alphas, mse_alpha, quant_layers
 from apot.config import DEFAULTS, ConfigError, load_config
 from apot.data import DeviceMNIST
 from apot.layers import QuantConv2d
 from apot.models import create_model
+from apot.optim import make_optimizer, make_scheduler
 from apot.quant import levels, quantize_weight, standardise
 from apot.recipe import PRESETS, TrainConfig, train_defaults
 from apot.report import markdown_tables
-from apot.train import init_alphas, make_optimizer, make_scheduler, parse_args, run_trial
+from apot.train import parse_args, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "search_space.yaml"
@@ -242,10 +243,9 @@ def test_one_source_of_train_defaults() -> None:
     ("train.act_alpha_init=mse", r"train.act_alpha_init: 'mse' must be 'calibrate' or a number > 0$"),
     ("train.weight_alpha_init=0", r"train.weight_alpha_init: 0 must be 'mse' or a number > 0$"),
     ("train.ws_grad=yes please", r"train.ws_grad: 'yes please' must be true or false$"),
-    ("train.label_smoothing=1", r"train.label_smoothing: 1 must be a number in \[0, 1\)$"),
     ("train.preset=fast", r"train.preset: 'fast' is not a preset .*; allowed: default, paper$"),
-    ("train.augment=flip", r"train.augment: 'flip' is not a training augmentation; allowed: shift, affine, "
-                           r"none$"),
+    ("train.augment=affine", r"train.augment: 'affine' is not a training augmentation; allowed: shift, "
+                             r"none$"),
     ("train.init_from=/x", r"train.init_from: '/x' is not how a sweep's trials start .*; allowed: fp32$"),
 ])
 def test_recipe_keys_are_validated_in_one_line(item: str, message: str) -> None:
@@ -383,111 +383,63 @@ def test_hyper_params_cell_says_fp32init() -> None:
     assert hyper_params_cell({**config, "init_from": None}) == "batch128_lr0.01_wd0.0001_25epoch"
 
 
-# ------------------------------------------------------------------ knowledge distillation (distill)
-def test_distillation_loss_is_its_formula() -> None:
-    from apot.train import distillation_loss
-
-    gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen)
-    y = torch.randint(0, 10, (16,), generator=gen)
-    p_t = torch.softmax(t, 1)
-    kl = float((p_t * (p_t.log() - torch.log_softmax(s, 1))).sum(1).mean())  # KL(teacher || student)
-    ce = float(nn.functional.cross_entropy(s, y))
-    for w in (0.0, 0.3, 1.0):
-        assert float(distillation_loss(w)(s, y, t)) == pytest.approx((1 - w) * ce + w * kl, rel=1e-5)
-    assert float(distillation_loss(1.0)(s, y, s)) == pytest.approx(0.0, abs=1e-6)
+# ------------------------------------------------------------- settings removed since records were stored
+STORED_FP32 = REPO / "results/cpu_all_s0/train/resnet18_fp32_s0/checkpoint_epoch025/checkpoint.pt"
+REMOVED_NOTE = r"; a setting removed after commit [0-9a-f]{7}, docs/EXPERIMENTS.md\)"
 
 
-def test_distilling_step_learns_from_the_teacher_not_the_labels() -> None:
-    """Through `build_step`: with weight 1 the labels play no part, and a teacher equal to the student gives
-    no gradient at all; another teacher moves the weights."""
-    from apot.step import build_step
-    from apot.train import distillation_loss
+def test_a_stored_checkpoint_with_removed_settings_resumes_and_starts_a_trial(tmp_path: Path) -> None:
+    """apot.recipe.REMOVED_SETTINGS: a checkpoint of this repository's stored sweep (its config holds
+    ``distill: 0.0`` and ``label_smoothing: 0.0``, both since removed) is still the same trial and still
+    starts a quantized one (``init_from``); the same checkpoint at another value of a removed setting is
+    another trial, named as such."""
+    import dataclasses
 
-    def run(teacher_from_student: bool, labels: torch.Tensor) -> torch.Tensor:
-        torch.manual_seed(0)
-        net = nn.Linear(12, 10)
-        teacher = nn.Linear(12, 10)
-        if teacher_from_student:
-            teacher.load_state_dict(net.state_dict())
-        teacher.eval().requires_grad_(False)
-        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-        step = build_step(net, opt, distillation_loss(1.0), mode="eager", device=torch.device("cpu"),
-                          teacher=teacher)
-        x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1))
-        for _ in range(3):
-            step(x, labels)
-        return net.weight.detach().clone()
+    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, start_from_checkpoint
 
-    torch.manual_seed(0)
-    start = nn.Linear(12, 10).weight.detach()
-    labels = torch.arange(32) % 10
-    assert torch.allclose(run(True, labels), start, atol=1e-6)  # KL(student || itself) = 0: no gradient
-    moved = run(False, labels)
-    assert not torch.allclose(moved, start)
-    assert torch.equal(run(False, labels.flip(0)), moved)  # labels ignored at weight 1
+    state = torch.load(STORED_FP32, map_location="cpu", weights_only=True)
+    assert {"distill": 0.0, "label_smoothing": 0.0}.items() <= state["config"].items()
+    now = dataclasses.asdict(TrainConfig.from_dict(state["config"]))
+    assert "distill" not in now and "label_smoothing" not in now
+    assert load_checkpoint(STORED_FP32.parent, now)["epoch"] == 25
+    cfg = TrainConfig(arch="resnet18", bit=2, width=16, init_from=str(STORED_FP32.parent))
+    model = create_model("resnet18", 2, width=16)
+    start_from_checkpoint(model, cfg)
+    assert torch.equal(model.state_dict()["fc.weight"], state["model"]["fc.weight"])
+
+    save_checkpoint({**state, "config": {**state["config"], "distill": 0.5}}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"belongs to another trial: distill=0.5 \(this run: 0.0"
+                                              + REMOVED_NOTE):
+        load_checkpoint(tmp_path, now)
 
 
-def test_distill_resumes_exactly_with_its_teacher(tmp_path: Path, synthetic_mnist_root: Path,
-                                                  one_thread: None) -> None:
-    """2 epochs straight == 1 epoch, then resumed for the second: the teacher is loaded again on resume (a
-    resumed run without it would train on plain cross-entropy and end elsewhere)."""
-    _fp32_checkpoint(tmp_path / "fp32", synthetic_mnist_root)
-    base = dict(SMALL, train_subset=256, init_from=str(tmp_path / "fp32"), distill=0.5,
-                data_dir=str(synthetic_mnist_root), device="cpu")
-    straight: list[dict] = []
-    run_trial(TrainConfig(**base, epochs=2), on_epoch=lambda m, s: straight.append(
-        {k: v.clone() for k, v in s["model"].items()}))
-    states: list[dict] = []
+def test_removed_settings_are_no_settings_and_show_in_the_hyper_params_cell() -> None:
+    import dataclasses
 
-    class Stop(Exception):
-        pass
-
-    def keep_first(m: dict, s: dict) -> None:
-        import copy
-        states.append(copy.deepcopy(s))
-        raise Stop
-
-    with pytest.raises(Stop):
-        run_trial(TrainConfig(**base, epochs=2), on_epoch=keep_first)
-    resumed: list[dict] = []
-    result = run_trial(TrainConfig(**base, epochs=2), resume_state=states[0],
-                       on_epoch=lambda m, s: resumed.append({k: v.clone() for k, v in s["model"].items()}))
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
-    assert all(torch.equal(resumed[-1][k], straight[-1][k]) for k in straight[-1])
-    plain = dict(base, distill=0.0)
-    other: list[dict] = []
-    run_trial(TrainConfig(**plain, epochs=2), on_epoch=lambda m, s: other.append(s["model"]["fc.weight"]))
-    assert not torch.equal(other[-1], straight[-1]["fc.weight"])  # distill changed what was learned
-
-
-def test_distill_settings_are_validated_and_labelled() -> None:
+    from apot.recipe import REMOVED_SETTINGS, removed_settings_used
     from apot.report import hyper_params_cell
 
-    with pytest.raises(ValueError, match=r"^distill: 0.5 needs a teacher, the init_from checkpoint's model"):
-        TrainConfig(distill=0.5)
-    with pytest.raises(ValueError, match=r"^distill: 1.5 must be a number in \[0, 1\]$"):
-        TrainConfig(distill=1.5, init_from="x")
-    with pytest.raises(ConfigError, match=r"train.distill: .*needs a teacher") as info:
-        load_config(SHIPPED, overrides=["train.distill=0.5", "train.init_from=null"])
-    assert "\n" not in str(info.value)
-    assert load_config(SHIPPED, overrides=["train.distill=0.5"]).train["distill"] == 0.5
-    assert TrainConfig.from_preset("paper").distill == 0.0
-    config = {**train_defaults(), "bit": 2, "init_from": "fp32", "distill": 0.5}
-    assert hyper_params_cell(config) == "batch128_lr0.01_wd0.0001_25epoch_fp32init_kd0.5"
-    assert hyper_params_cell({**config, "bit": 32}) == "batch128_lr0.01_wd0.0001_25epoch"
-
-
-def test_a_checkpoint_from_before_distill_resumes_as_distill_0(tmp_path: Path) -> None:
-    """apot.recipe.ADDED_SETTINGS: a stored config without a later setting means that setting's old value."""
-    from apot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
-    config = {k: v for k, v in TrainConfig(**SMALL).__dict__.items() if k != "distill"}
-    save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [], "rng": {},
-                     "config": config}, tmp_path)
-    assert load_checkpoint(tmp_path, {**config, "distill": 0.0})["epoch"] == 1
-    with pytest.raises(CheckpointError, match=r"belongs to another trial: distill=0.0 \(this run: 0.5\)"):
-        load_checkpoint(tmp_path, {**config, "distill": 0.5})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(REMOVED_SETTINGS) == {"distill", "label_smoothing"} and not names & set(REMOVED_SETTINGS)
+    with pytest.raises(ValueError, match=r"^augment: 'affine' is not a training augmentation; allowed: "
+                                         r"shift, none$"):
+        TrainConfig(augment="affine")
+    for key in REMOVED_SETTINGS:
+        with pytest.raises(ConfigError, match=rf"--set train.{key}=0.5: unknown key train.{key}"):
+            load_config(SHIPPED, overrides=[f"train.{key}=0.5"])
+        with pytest.raises(TypeError):
+            TrainConfig(**{key: 0.5})
+    config = {**train_defaults(), "bit": 2, "init_from": "fp32"}
+    stored = {**config, **REMOVED_SETTINGS}  # as stored before they were removed: at their no-op values
+    assert removed_settings_used(stored) == {}
+    cell = "batch128_lr0.01_wd0.0001_25epoch"
+    assert hyper_params_cell(stored) == hyper_params_cell(config) == f"{cell}_fp32init"
+    assert removed_settings_used({**stored, "distill": 0.5}) == {"distill": 0.5}
+    assert hyper_params_cell({**stored, "distill": 0.5}) == f"{cell}_fp32init_distill0.5"
+    assert hyper_params_cell({**stored, "bit": 32, "label_smoothing": 0.1}) == f"{cell}_label_smoothing0.1"
+    assert removed_settings_used({**stored, "augment": "affine"}) == {"augment": "affine"}  # a removed choice
+    assert hyper_params_cell({**stored, "augment": "affine"}) == f"{cell}_fp32init_augment_affine"
+    assert removed_settings_used({**stored, "augment": "none"}) == {}
 
 
 # ------------------------------------------------------------------------------------------ trial identity
@@ -503,9 +455,10 @@ def test_trial_identity_is_every_field_but_where_and_how_it_runs() -> None:
     moved = {**stored, "data_dir": "/elsewhere/mnist", "device": "cuda", "compile": "compile"}
     assert identity_changes(stored, moved) == []
     assert identity_changes(stored, {**stored, "lr": 0.02}) == ["lr=0.01 (this run: 0.02)"]
-    old = {k: v for k, v in stored.items() if k != "distill"}  # stored before distill existed
-    assert identity_changes(old, stored) == []
-    assert identity_changes(old, {**stored, "distill": 0.5}) == ["distill=0.0 (this run: 0.5)"]
+    old = {**stored, "distill": 0.0, "label_smoothing": 0.0}  # stored before these settings were removed
+    assert identity_changes(old, stored) == [] and identity_changes(stored, old) == []
+    (change,) = identity_changes({**old, "label_smoothing": 0.1}, stored)
+    assert re.fullmatch(r"label_smoothing=0.1 \(this run: 0.0" + REMOVED_NOTE, change)
 
 
 def _stored_sweep(tmp_path: Path, *overrides: str) -> Path:

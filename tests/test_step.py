@@ -162,7 +162,8 @@ def test_compiled_matches_eager_forward_and_gradients(tmp_path: Path, compile_ca
 DDP_COMPILE = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from torch._dynamo.utils import counters
-    from apot.train import TrainConfig, run_trial
+    from apot.recipe import TrainConfig
+    from apot.train import run_trial
     cfg = TrainConfig(arch="resnet10", bit=3, width=4, batch_size=64, epochs=2, train_subset=256,
                       data_dir=sys.argv[1], device="cpu", compile=sys.argv[3])
     out = {}
@@ -233,7 +234,8 @@ def test_cuda_step_matches_eager(mode: str, compile_cache: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cudagraph_trial_records_its_mode(synthetic_mnist_root: Path, tmp_path: Path) -> None:
-    from apot.train import TrainConfig, run_trial
+    from apot.recipe import TrainConfig
+    from apot.train import run_trial
 
     cfg = TrainConfig(arch="resnet10", bit=4, width=8, batch_size=64, epochs=2,
                       data_dir=str(synthetic_mnist_root), device="cuda", compile="auto")

@@ -245,14 +245,14 @@ def test_resume_refuses_a_grid_that_loses_trials(finished_sweep: Path, synthetic
 def test_resume_with_a_grown_grid_trains_only_the_new_trials(finished_sweep: Path, synthetic_mnist_root: Path,
                                                               tmp_path: Path) -> None:
     """Add bit 3 (APoT and uniform) to the finished 2x2 sweep: the 4 finished trials are reported, not
-    trained again (also when stored before a setting was added); the 2 new ones train; the stored config and
-    the results now hold the grown grid."""
+    trained again (also when stored before settings were removed); the 2 new ones train; the stored config
+    and the results now hold the grown grid."""
     experiment = tmp_path / finished_sweep.name
     shutil.copytree(finished_sweep, experiment)
-    # as stored before the distill setting existed: still the same trials (apot.recipe.ADDED_SETTINGS)
+    # as stored while distill and label_smoothing existed: the same trials (apot.recipe.REMOVED_SETTINGS)
     for path in [*(experiment / "records").glob("*.json"), experiment / "sweep_config.json"]:
         data = json.loads(path.read_text())
-        (data["config"] if "config" in data else data["train"]).pop("distill")
+        (data["config"] if "config" in data else data["train"]).update(distill=0.0, label_smoothing=0.0)
         path.write_text(json.dumps(data))
     records = {p.name: p.read_bytes() for p in (experiment / "records").glob("*.json")}
     r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[4,2,3]", "--resume"))

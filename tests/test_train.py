@@ -18,8 +18,11 @@ import torch
 
 from apot.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from apot.data import DeviceMNIST
+from apot.distributed import DistInfo
 from apot.models import create_model
-from apot.train import DistInfo, TrainConfig, evaluate, make_scheduler, run_trial
+from apot.optim import make_scheduler
+from apot.recipe import TrainConfig
+from apot.train import evaluate, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(arch="resnet10", bit=4, width=8, batch_size=64)
@@ -145,15 +148,15 @@ class _RunsCode:
 def test_resumed_rng_continues_the_same_streams(tmp_path: Path) -> None:
     import random
 
-    from apot.train import _rng_state, _set_rng_state
+    from apot.rng import rng_state, set_rng_state
 
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
     np.random.normal()  # leaves a cached gaussian in numpy's state
-    save_checkpoint({"rng": _rng_state()}, tmp_path)
+    save_checkpoint({"rng": rng_state()}, tmp_path)
     expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
-    _set_rng_state(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["rng"])
+    set_rng_state(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["rng"])
     again = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
@@ -164,7 +167,7 @@ def test_rng_restore_with_another_number_of_cuda_devices(visible: int,
     """Resources may change on resume: a checkpoint saved with 2 visible CUDA devices restores on 1 (the
     trial's own device, device 0 under Ray, gets its state; the other is dropped) and on 3 (devices 0 and 1
     get theirs). The CUDA calls are stood in for, checking the device index as CUDA would."""
-    from apot.train import _set_rng_state
+    from apot import rng
 
     restored: dict[int, torch.Tensor] = {}
 
@@ -180,16 +183,16 @@ def test_rng_restore_with_another_number_of_cuda_devices(visible: int,
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
     saved = {**_rng_state_without_cuda(), "cuda": [torch.full((16,), 7, dtype=torch.uint8),
                                                    torch.full((16,), 9, dtype=torch.uint8)]}
-    _set_rng_state(saved)
+    rng.set_rng_state(saved)
     assert sorted(restored) == list(range(min(visible, 2)))
     for index, state in restored.items():
         assert torch.equal(state, saved["cuda"][index])
 
 
 def _rng_state_without_cuda() -> dict:
-    from apot.train import _rng_state
+    from apot.rng import rng_state
 
-    state = _rng_state()
+    state = rng_state()
     state.pop("cuda", None)
     return state
 
@@ -204,7 +207,8 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
 
 DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from apot.train import TrainConfig, run_trial
+    from apot.recipe import TrainConfig
+    from apot.train import run_trial
     cfg = TrainConfig(arch="resnet10", bit=3, width=8, batch_size=64, epochs=2, data_dir=sys.argv[1],
                       device="cpu")
     from apot.data import DeviceMNIST

@@ -2,7 +2,7 @@
 
 - `apot.data.idx`: the IDX file format (`read_idx` validates every header field and the size, `write_idx`);
 - `apot.data.mnist`: the data root, the four raw files, download, loading and checking a split;
-- `apot.data.transforms`: normalisation and the training augmentations (shift, affine), per batch;
+- `apot.data.transforms`: normalisation and the training augmentation (shift), per batch;
 - `apot.data.pipeline`: `DeviceMNIST`, the splits on the training device, seeded per-rank shards;
 - `apot.data.cli`: ``python -m apot.data fetch|check``.
 
@@ -25,23 +25,15 @@ from apot.data.mnist import (
 )
 from apot.data.pipeline import DeviceMNIST
 from apot.data.transforms import (
-    AFFINE_ROTATION_DEG,
-    AFFINE_SCALE,
-    AFFINE_SHIFT_PX,
     MAX_SHIFT,
     MNIST_MEAN,
     MNIST_STD,
-    affine_images,
     normalize,
-    random_affine,
     shift_images,
 )
 from apot.recipe import AUGMENTS  # the training augmentations (the test split is never augmented)
 
 __all__ = [
-    "AFFINE_ROTATION_DEG",
-    "AFFINE_SCALE",
-    "AFFINE_SHIFT_PX",
     "AUGMENTS",
     "DEFAULT_DATA_DIR",
     "DeviceMNIST",
@@ -53,13 +45,11 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "NUM_CLASSES",
-    "affine_images",
     "download_mnist",
     "ensure_mnist",
     "load_split",
     "main",
     "normalize",
-    "random_affine",
     "raw_dir",
     "read_idx",
     "resolve_data_dir",

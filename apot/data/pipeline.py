@@ -17,7 +17,7 @@ import torch
 
 from apot.data.idx import IMAGE_SIZE
 from apot.data.mnist import load_split
-from apot.data.transforms import MAX_SHIFT, affine_images, normalize, random_affine
+from apot.data.transforms import MAX_SHIFT, normalize
 from apot.recipe import AUGMENTS  # the training augmentations (the test split is never augmented)
 
 
@@ -42,17 +42,16 @@ class DeviceMNIST:
     """MNIST held on the training device as uint8; batches normalised (and augmented) on the device.
 
     Batches are ``(x float32 (B, 1, 28, 28) normalised, y int64 (B,))`` on `device`. The same code on CPU
-    and GPU: the order, shifts and affine parameters come from CPU generators, so both draw the same images,
-    labels and augmentations for a given seed and epoch; ``affine``'s bilinear resampling may then differ in
-    the last bits between devices. (What the model then computes on a GPU: `apot.train.CUDA_NUMERICS`.)
+    and GPU: the order and the shifts come from CPU generators, so both draw the same images, labels and
+    augmentations for a given seed and epoch. (What the model then computes on a GPU:
+    `apot.distributed.CUDA_NUMERICS`.)
 
     Args:
         train_images, train_labels, test_images, test_labels: uint8 (N, 28, 28) and int64 (N,) tensors.
         device: where the splits live and batches are produced.
         train_subset: use only the first N training images (quick runs); None uses all.
         max_shift: random shift range [-max_shift, max_shift] per axis in `train_batches`; 0 disables.
-        augment: the training augmentation (`AUGMENTS`): ``shift`` (by ``max_shift``), ``affine``
-            (`random_affine`) or ``none``.
+        augment: the training augmentation (`AUGMENTS`): ``shift`` (by ``max_shift``) or ``none``.
     """
 
     def __init__(
@@ -174,16 +173,11 @@ class DeviceMNIST:
             augment: apply the dataset's augmentation (``self.augment``; never a flip) when True.
         """
         indices = self.train_indices(epoch, seed, rank, world_size, batch_size).to(self.device)
-        if not augment or self.augment == "none" or (self.augment == "shift" and self.max_shift == 0):
+        if not augment or self.augment == "none" or self.max_shift == 0:
             for idx in indices:
                 yield normalize(self.train_images[idx]), self.train_labels[idx]
             return
         gen = _generator(seed, epoch, rank, _AUGMENT_STREAM)
-        if self.augment == "affine":
-            thetas = random_affine(indices.numel(), gen).view(*indices.shape, 2, 3).to(self.device)
-            for step, idx in enumerate(indices):
-                yield affine_images(self.train_images[idx], thetas[step]), self.train_labels[idx]
-            return
         shifts = torch.randint(-self.max_shift, self.max_shift + 1, (*indices.shape, 2), generator=gen)
         # out[b, y, x] = padded[idx[b], y + max_shift - dy[b], x + max_shift - dx[b]] (see shift_images),
         # with the row/column indices of the whole epoch computed once.

@@ -37,7 +37,7 @@ from apot.config import (
 from apot.data import MNISTDataError, ensure_mnist
 from apot.errors import exit_with_error
 from apot.ray_session import RaySetupError, check_ray_version, cluster_resources, joined_address, start_ray
-from apot.recipe import identity_changes
+from apot.recipe import TrainConfig, identity_changes
 from apot.sweep import STOP_MARKER, collect_records, record_path, trial_configs, trial_driver
 
 SAVED_CONFIG = "sweep_config.json"
@@ -139,7 +139,6 @@ def dry_run(cfg: SweepConfig, trials: list[dict[str, Any]], available: dict[str,
             address: str | None) -> str:
     """What the sweep would run, without starting Ray: resolved config, trials with resources, concurrency."""
     from apot.step import resolve_mode
-    from apot.recipe import TrainConfig
 
     res = cfg.resources
     concurrency = check_resources(cfg, available, len(trials))

@@ -202,7 +202,7 @@ ADDED_SETTINGS: dict[str, Any] = {}
 # report shows it as any other); another value is a trial this code does not train: `identity_changes` names
 # it and the report's Hyper-Params cell shows it (`removed_settings_used`). Likewise REMOVED_CHOICES, values
 # of a field that remains (a stored ``augment: affine`` differs from every trial this code trains).
-# docs/EXPERIMENTS.md has what each measured; commit REMOVED_AFTER is the last that has them.
+# docs/EXPERIMENTS.md has what each measured; commit REMOVED_AFTER still has them (the next removed them).
 REMOVED_SETTINGS: dict[str, Any] = {"distill": 0.0, "label_smoothing": 0.0}
 REMOVED_CHOICES: dict[str, tuple[Any, ...]] = {"augment": ("affine",)}
 REMOVED_AFTER = "a9e5893"

@@ -276,7 +276,7 @@ class SweepProgress:
             for key in ("train_loss", "test_acc", "images_per_s"):
                 if metrics.get(key) is not None:
                     setattr(row, key, float(metrics[key]))
-            best = metrics.get("best_test_acc")  # the trial's own: a restart from epoch 1 forgets the record's
+            best = metrics.get("best_test_acc")  # the run's own: a restart at epoch 1 forgets the record's
             if best is None:
                 candidates = [v for v in (row.best_test_acc, row.test_acc) if v is not None]
                 best = max(candidates) if candidates else None

@@ -181,11 +181,12 @@ def weight_backward(w: torch.Tensor, g: torch.Tensor, mean: float, scale: float,
     return _backward(w, g, mean, scale, std, False, table, low, high, need_grad_w)
 
 
-def _backward(x: torch.Tensor, g: torch.Tensor, shift: float, scale: float, grad_div: float, mask_grad: bool,
-              table: torch.Tensor, low: float, high: float, need_grad: bool) -> tuple[torch.Tensor | None, float]:
+def _backward(x: torch.Tensor, g: torch.Tensor, shift: float, scale: float, grad_div: float,
+              mask_grad: bool, table: torch.Tensor, low: float, high: float,
+              need_grad: bool) -> tuple[torch.Tensor | None, float]:
     g = _like(g, x)
     grad_x = torch.empty_like(x) if need_grad else None
-    total = library().quant_backward(x.data_ptr(), g.data_ptr(), _ptr(grad_x), x.numel(), shift, scale, grad_div,
-                                     int(mask_grad), table.data_ptr(), table.shape[1], low, high,
+    total = library().quant_backward(x.data_ptr(), g.data_ptr(), _ptr(grad_x), x.numel(), shift, scale,
+                                     grad_div, int(mask_grad), table.data_ptr(), table.shape[1], low, high,
                                      torch.get_num_threads())
     return grad_x, total

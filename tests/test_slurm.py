@@ -480,11 +480,13 @@ def test_time_limit_requeues_until_the_sweep_is_done(slurm_env, tiny_mnist: Path
         if i < len(runs_) - 1:  # this run ended in a stop
             for trial in started - set(finished_in):
                 in_flight.setdefault(trial, set()).add((reported.get(trial) or [0])[-1] + 1)
-    digest = "\n".join(
-        f"run {i}: epochs " + ", ".join(f"{t}: {[int(m['epoch']) for m in EPOCH_LINE.finditer(run) if m['trial'] == t]}"
-                                        for t in sorted(reported))
-        + "; states " + ", ".join(f"{m['trial']} {m['state']}" for m in STATE_LINE.finditer(run))
-        for i, run in enumerate(runs_))
+
+    def run_digest(i: int, run: str) -> str:
+        epochs_of = {t: [int(m["epoch"]) for m in EPOCH_LINE.finditer(run) if m["trial"] == t]
+                     for t in reported}
+        states = ", ".join(f"{m['trial']} {m['state']}" for m in STATE_LINE.finditer(run))
+        return f"run {i}: epochs {epochs_of}; states {states}"
+    digest = "\n".join(run_digest(i, run) for i, run in enumerate(runs_))
     assert len(reported) == 2 and len(finished_in) == 2, f"{log[-3000:]}\nper run:\n{digest}"
     for trial, seen in reported.items():
         assert seen == sorted(set(seen)), f"{trial}: an epoch was trained again: {seen}"

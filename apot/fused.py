@@ -156,7 +156,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def act_forward(x: torch.Tensor, alpha: float, table: torch.Tensor) -> torch.Tensor:
     """alpha * P(x / alpha), in ``x``'s layout."""
-    return weight_forward(x, 0.0, alpha, alpha, table)
+    return _forward(x, 0.0, alpha, alpha, table)
 
 
 def act_backward(x: torch.Tensor, g: torch.Tensor, alpha: float, table: torch.Tensor, high: float,
@@ -168,10 +168,7 @@ def act_backward(x: torch.Tensor, g: torch.Tensor, alpha: float, table: torch.Te
 def weight_forward(w: torch.Tensor, mean: float, scale: float, alpha: float,
                    table: torch.Tensor) -> torch.Tensor:
     """alpha * P((w - mean) / scale), in ``w``'s layout."""
-    out = torch.empty_like(w)
-    library().quant_forward(w.data_ptr(), out.data_ptr(), w.numel(), mean, scale, alpha, table.data_ptr(),
-                            table.shape[1], torch.get_num_threads())
-    return out
+    return _forward(w, mean, scale, alpha, table)
 
 
 def weight_backward(w: torch.Tensor, g: torch.Tensor, mean: float, scale: float, std: float,
@@ -179,6 +176,13 @@ def weight_backward(w: torch.Tensor, g: torch.Tensor, mean: float, scale: float,
                     need_grad_w: bool) -> tuple[torch.Tensor | None, float]:
     """(g / std, sum g (P(u) - u keep(u))) with u = (w - mean) / scale; keep(u) = [low < u < high]."""
     return _backward(w, g, mean, scale, std, False, table, low, high, need_grad_w)
+
+
+def _forward(x: torch.Tensor, shift: float, scale: float, alpha: float, table: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    library().quant_forward(x.data_ptr(), out.data_ptr(), x.numel(), shift, scale, alpha, table.data_ptr(),
+                            table.shape[1], torch.get_num_threads())
+    return out
 
 
 def _backward(x: torch.Tensor, g: torch.Tensor, shift: float, scale: float, grad_div: float,

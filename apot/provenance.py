@@ -102,22 +102,25 @@ def _cuda_model() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def cpu_model() -> str:
+    """This host's CPU model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_line() -> str:
     """One line for the results: the live nodes and CPUs of the Ray cluster this process has joined (Ray
     must be initialised) and the CPU model of this host; GPUs are `gpus`."""
     import ray
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     res = ray.cluster_resources()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    return f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu})"
+    return f"{nodes} node(s), {int(res.get('CPU', 0))} CPUs ({cpu_model()})"
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import inspect
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from apot.models import create_model
+from apot.provenance import cpu_model
 from apot.step import WARMUP_STEPS, build_step
 
 try:
@@ -84,15 +84,6 @@ class Step:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     fp32_of = {mode: "eager" if mode == "channels_last" else mode for mode in args.modes}
     if args.warmup <= WARMUP_STEPS and "cudagraph" in args.modes:
         args.warmup = WARMUP_STEPS + 1  # warm-up steps and the capture are not timed
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     lines = [f"{machine}; "
              f"width {args.width}, batch {args.batch}, 1x28x28; median of {args.steps} steps after "
              f"{args.warmup} warm-up, configurations interleaved in one process", ""]

@@ -27,6 +27,7 @@ graph, so the first trial of an arch compiles and the others load it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -61,6 +62,26 @@ CACHE_ENV = {
     # AOTAutograd skips graphs holding custom autograd Functions (our quantizers) unless told otherwise.
     "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1",
 }
+
+
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 512 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next step (this process, from now on): blocks under
+    `MALLOC_MMAP_THRESHOLD` come from its heap, which it gives back to the kernel only above
+    `MALLOC_TRIM_THRESHOLD` free. PyTorch's CPU allocator frees every activation to malloc, and glibc's
+    adaptive defaults hand much of it back, so each step faulted its memory in again (ResNet-50 FP32: about
+    800 page faults and 5-10% of a step; docs/PERFORMANCE.md). Returns False where there is no glibc
+    ``mallopt`` (then nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold,
+                                                                                  MALLOC_TRIM_THRESHOLD))
 
 
 def resolve_mode(mode: str, device: torch.device, world_size: int = 1) -> str:
@@ -295,7 +316,8 @@ def build_step(
     net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *, mode: str = "auto",
     device: torch.device, world_size: int = 1, memory_format: torch.memory_format | None = None,
 ) -> TrainStep:
-    """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper).
+    """Build the training step of ``net`` (the module the loop trains: the model, or its DDP wrapper). On a
+    CPU this also makes the process keep its freed memory (`keep_freed_memory`).
 
     Args:
         net: called as ``net(x)`` for the logits.
@@ -316,5 +338,7 @@ def build_step(
         # x / alpha onto the levels, so a last-bit difference could move a value across a midpoint.
         if hasattr(inductor_config, "eager_numerics"):
             inductor_config.eager_numerics.division_rounding = True
+    if device.type == "cpu":
+        keep_freed_memory()
     memory_format = step_memory_format(device) if memory_format is None else memory_format
     return TrainStep(net, optimizer, loss_fn, concrete, world_size, memory_format)

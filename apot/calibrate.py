@@ -103,15 +103,14 @@ def calibrate_act_alphas(model: nn.Module, images: torch.Tensor) -> list[float]:
     layers = quant_layers(model)
     found: list[float] = []
 
-    def hook(layer: QuantConv2d, args: tuple[torch.Tensor, ...], kwargs: dict) -> None:
-        x = torch.relu(args[0]) if kwargs.get("relu") else args[0]  # what the layer quantizes (`relu_conv`)
-        alpha = mse_alpha(x, layer.act_levels)
+    def hook(layer: QuantConv2d, args: tuple[torch.Tensor, ...]) -> None:
+        alpha = mse_alpha(args[0], layer.act_levels)
         layer.act_alpha.fill_(alpha)
         found.append(float(layer.act_alpha))
 
     saved = [(b, b.clone()) for b in model.buffers()]  # BN running stats (level buffers are unchanged)
     was_training = model.training
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     try:
         model.train()
         model(images)

@@ -8,8 +8,6 @@ alpha gradients are summed in double here, in float32 by torch, so they agree to
 Per activation quantizer and step, the kernels read the input once and write the output once (forward),
 then read the input and the incoming gradient once and write the input gradient once (backward, which
 recomputes the projection instead of storing it); torch operations take about ten passes for the same.
-An activation quantizer that follows a ReLU can take it in (``relu``): the ReLU's own forward and backward
-passes are then folded into these two.
 
 The C file is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into a private cache
 folder, ``$APOT_KERNEL_CACHE`` or ``~/.cache/apot/kernels`` (0700), named by a hash of the source, the flags
@@ -86,8 +84,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p, n, f, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
     signatures = {
-        "quant_forward": ([p, p, n, f, f, f, i, p, i, i], None),
-        "quant_backward": ([p, p, p, n, f, f, f, i, i, p, i, f, f, i], d),
+        "quant_forward": ([p, p, n, f, f, f, p, i, i], None),
+        "quant_backward": ([p, p, p, n, f, f, f, i, p, i, f, f, i], d),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
@@ -156,45 +154,43 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def act_forward(x: torch.Tensor, alpha: float, table: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """alpha * P(r / alpha), r = relu(x) if ``relu`` else x, in ``x``'s layout."""
-    return _forward(x, 0.0, alpha, alpha, table, relu)
+def act_forward(x: torch.Tensor, alpha: float, table: torch.Tensor) -> torch.Tensor:
+    """alpha * P(x / alpha), in ``x``'s layout."""
+    return _forward(x, 0.0, alpha, alpha, table)
 
 
 def act_backward(x: torch.Tensor, g: torch.Tensor, alpha: float, table: torch.Tensor, high: float,
-                 need_grad_x: bool, relu: bool = False) -> tuple[torch.Tensor | None, float]:
-    """(g keep(u) [x > 0 if ``relu``], sum g (P(u) - u keep(u))) with u = r / alpha (``act_forward``);
-    keep(u) = [u < high]. The mask [x > 0] is relu's own (threshold_backward: a NaN x passes)."""
-    return _backward(x, g, 0.0, alpha, 1.0, True, table, float("-inf"), high, need_grad_x, relu)
+                 need_grad_x: bool) -> tuple[torch.Tensor | None, float]:
+    """(g keep(u), sum g (P(u) - u keep(u))) with u = x / alpha; keep(u) = [u < high]."""
+    return _backward(x, g, 0.0, alpha, 1.0, True, table, float("-inf"), high, need_grad_x)
 
 
 def weight_forward(w: torch.Tensor, mean: float, scale: float, alpha: float,
                    table: torch.Tensor) -> torch.Tensor:
     """alpha * P((w - mean) / scale), in ``w``'s layout."""
-    return _forward(w, mean, scale, alpha, table, False)
+    return _forward(w, mean, scale, alpha, table)
 
 
 def weight_backward(w: torch.Tensor, g: torch.Tensor, mean: float, scale: float, std: float,
                     table: torch.Tensor, low: float, high: float,
                     need_grad_w: bool) -> tuple[torch.Tensor | None, float]:
     """(g / std, sum g (P(u) - u keep(u))) with u = (w - mean) / scale; keep(u) = [low < u < high]."""
-    return _backward(w, g, mean, scale, std, False, table, low, high, need_grad_w, False)
+    return _backward(w, g, mean, scale, std, False, table, low, high, need_grad_w)
 
 
-def _forward(x: torch.Tensor, shift: float, scale: float, alpha: float, table: torch.Tensor,
-             relu: bool) -> torch.Tensor:
+def _forward(x: torch.Tensor, shift: float, scale: float, alpha: float, table: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
-    library().quant_forward(x.data_ptr(), out.data_ptr(), x.numel(), shift, scale, alpha, int(relu),
-                            table.data_ptr(), table.shape[1], torch.get_num_threads())
+    library().quant_forward(x.data_ptr(), out.data_ptr(), x.numel(), shift, scale, alpha, table.data_ptr(),
+                            table.shape[1], torch.get_num_threads())
     return out
 
 
 def _backward(x: torch.Tensor, g: torch.Tensor, shift: float, scale: float, grad_div: float,
               mask_grad: bool, table: torch.Tensor, low: float, high: float,
-              need_grad: bool, relu: bool) -> tuple[torch.Tensor | None, float]:
+              need_grad: bool) -> tuple[torch.Tensor | None, float]:
     g = _like(g, x)
     grad_x = torch.empty_like(x) if need_grad else None
     total = library().quant_backward(x.data_ptr(), g.data_ptr(), _ptr(grad_x), x.numel(), shift, scale,
-                                     grad_div, int(mask_grad), int(relu), table.data_ptr(), table.shape[1],
-                                     low, high, torch.get_num_threads())
+                                     grad_div, int(mask_grad), table.data_ptr(), table.shape[1], low, high,
+                                     torch.get_num_threads())
     return grad_x, total

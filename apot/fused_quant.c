@@ -9,8 +9,6 @@
  * the level above it.
  * "keep(u)" is the hardtanh_backward mask of apot.quant._keep_within: !(u <= low || u >= high), with low and
  * high already moved one float outwards by the caller.
- * With relu set, the input is taken through a ReLU first, as torch's: r = x < 0 ? 0 : x (NaN stays NaN), and
- * the gradient is masked as its threshold_backward masks it, by !(x <= 0).
  * Compiled without -ffast-math and with -ffp-contract=off: every operation is the IEEE one torch does.
  * The alpha gradients are summed in double.
  */
@@ -68,38 +66,33 @@ static inline double slope_dot(const float *restrict g, const float *restrict u,
     return sum;
 }
 
-/* u[j] = (r[j] - shift) / scale for j < m, r = relu ? ReLU(x) : x: the activation quantizer's x / alpha (shift 0,
- * exact: x - 0 is x), the weight quantizer's standardised (w - mean) / (std alpha). */
-static inline void load_block(const float *restrict x, float *restrict u, int64_t m, float shift, float scale,
-                              int relu) {
-    if (relu)
-        for (int64_t j = 0; j < m; j++) u[j] = ((x[j] < 0.0f ? 0.0f : x[j]) - shift) / scale;
-    else
-        for (int64_t j = 0; j < m; j++) u[j] = (x[j] - shift) / scale;
+/* u[j] = (x[j] - shift) / scale for j < m: the activation quantizer's x / alpha (shift 0, exact: x - 0 is x),
+ * the weight quantizer's standardised (w - mean) / (std alpha). */
+static inline void load_block(const float *restrict x, float *restrict u, int64_t m, float shift, float scale) {
+    for (int64_t j = 0; j < m; j++) u[j] = (x[j] - shift) / scale;
 }
 
-/* Forward: out = alpha * P((r - shift) / scale). */
+/* Forward: out = alpha * P((x - shift) / scale). */
 void quant_forward(const float *restrict x, float *restrict out, int64_t n, float shift, float scale, float alpha,
-                   int relu, const float *table, int bins, int threads) {
+                   const float *table, int bins, int threads) {
     const LevelSet s = read_table(table, bins);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t b = 0; b < blocks; b++) {
         float u[BLOCK], q[BLOCK];
         const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        load_block(x + start, u, m, shift, scale, relu);
+        load_block(x + start, u, m, shift, scale);
         project_block(u, q, m, &s);
         for (int64_t j = 0; j < m; j++) out[start + j] = q[j] * alpha;
     }
 }
 
-/* Backward, u = (r - shift) / scale: grad_x = g keep(u) when mask_grad (the activation's clipped straight-
- * through estimator; with relu also !(x <= 0)), else g / grad_div (the weight's, through the
- * standardisation); grad_x may be NULL. Returns sum g (P(u) - u keep(u)), the alpha gradient before its
- * scale. */
+/* Backward, u = (x - shift) / scale: grad_x = g keep(u) when mask_grad (the activation's clipped straight-
+ * through estimator), else g / grad_div (the weight's, through the standardisation); grad_x may be NULL.
+ * Returns sum g (P(u) - u keep(u)), the alpha gradient before its scale. */
 double quant_backward(const float *restrict x, const float *restrict g, float *restrict grad_x, int64_t n,
-                      float shift, float scale, float grad_div, int mask_grad, int relu, const float *table,
-                      int bins, float low, float high, int threads) {
+                      float shift, float scale, float grad_div, int mask_grad, const float *table, int bins,
+                      float low, float high, int threads) {
     const LevelSet s = read_table(table, bins);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     double total = 0.0;
@@ -107,12 +100,9 @@ double quant_backward(const float *restrict x, const float *restrict g, float *r
     for (int64_t b = 0; b < blocks; b++) {
         float u[BLOCK], q[BLOCK];
         const int64_t start = b * BLOCK, m = n - start < BLOCK ? n - start : BLOCK;
-        load_block(x + start, u, m, shift, scale, relu);
+        load_block(x + start, u, m, shift, scale);
         project_block(u, q, m, &s);
-        if (grad_x && mask_grad && relu)
-            for (int64_t j = 0; j < m; j++)
-                grad_x[start + j] = keep(u[j], low, high) && !(x[start + j] <= 0.0f) ? g[start + j] : 0.0f;
-        else if (grad_x && mask_grad)
+        if (grad_x && mask_grad)
             for (int64_t j = 0; j < m; j++) grad_x[start + j] = keep(u[j], low, high) ? g[start + j] : 0.0f;
         else if (grad_x)
             for (int64_t j = 0; j < m; j++) grad_x[start + j] = g[start + j] / grad_div;

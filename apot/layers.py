@@ -68,13 +68,11 @@ class QuantConv2d(nn.Conv2d):
         self.register_buffer("act_levels", act_levels, persistent=False)
         self.register_buffer("act_table", lookup_table(act_levels, TABLE_SCALE), persistent=False)
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """The conv of the quantized input; ``relu=True``: of relu(x), the ReLU taken into the activation
-        quantizer (`relu_conv`)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.full_precision:
-            return super().forward(torch.relu(x) if relu else x)
+            return super().forward(x)
         # Only the (padded) tables go in: the level sets' shapes differ per bit width, the tables' do not.
-        x = quantize_activation(x, self.act_alpha, None, self.act_table, relu=relu)
+        x = quantize_activation(x, self.act_alpha, None, self.act_table)
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -85,15 +83,6 @@ class QuantConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bit={self.config.bit}, power={self.config.power}"
-
-
-def relu_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """conv(relu(x)), for a ReLU whose output only ``conv`` reads. A ``QuantConv2d`` takes the ReLU into its
-    activation quantizer (on a CPU its fused kernels then do without the ReLU's own forward and backward
-    passes); any other conv gets an in-place ReLU first."""
-    if isinstance(conv, QuantConv2d):
-        return conv(x, relu=True)
-    return conv(torch.relu_(x))
 
 
 class Conv2d8bit(nn.Conv2d):

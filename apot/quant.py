@@ -321,21 +321,15 @@ class ActQuantFn(torch.autograd.Function):
     backward: dL/dx = g [u <= 1]
               dL/dalpha = sum g * ([u > 1] + (P(u) - u) [u <= 1])
     ``table`` (optional): ``lookup_table(level_set)``, to project faster (then ``level_set`` may be None).
-    ``relu``: x is the ReLU's input, taken through it inside the fused kernels (only where they run;
-    `quantize_activation` applies the ReLU itself elsewhere).
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, level_set, table, relu=False):
+    def forward(ctx, x, alpha, level_set, table):
         ctx.fused = fused.usable(x, table)
-        ctx.relu = relu
         if ctx.fused:  # one pass; backward recomputes u and P(u) from x (kept alive by the ReLU anyway)
             ctx.save_for_backward(x, alpha, table)
             ctx.alpha_shape = alpha.shape
-            return fused.act_forward(x, alpha.item(), table, relu)
-        if relu:
-            raise ValueError("ActQuantFn: relu=True needs the fused kernels; quantize_activation applies the "
-                             "ReLU itself where they do not run")
+            return fused.act_forward(x, alpha.item(), table)
         # the levels span [0, 1], so P(u) == P(min(u, 1))
         return _project_and_save(ctx, x / alpha, alpha, level_set, table)
 
@@ -344,9 +338,9 @@ class ActQuantFn(torch.autograd.Function):
         if ctx.fused:
             x, alpha, table = ctx.saved_tensors
             grad_x, total = fused.act_backward(x, g, alpha.item(), table, _bound(1.0, x.dtype),
-                                               ctx.needs_input_grad[0], ctx.relu)
+                                               ctx.needs_input_grad[0])
             grad_alpha = torch.tensor(total, dtype=alpha.dtype).reshape(ctx.alpha_shape)
-            return grad_x, grad_alpha if ctx.needs_input_grad[1] else None, None, None, None
+            return grad_x, grad_alpha if ctx.needs_input_grad[1] else None, None, None
         u, q = ctx.saved_tensors
         grad_x = grad_alpha = None
         if ctx.needs_input_grad[0]:
@@ -354,7 +348,7 @@ class ActQuantFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             slope = q - _keep_within(u, u, float("-inf"), 1.0)  # q == 1 where u > 1
             grad_alpha = _alpha_grad(ctx, g, slope)
-        return grad_x, grad_alpha, None, None, None
+        return grad_x, grad_alpha, None, None
 
 
 class StandardisedWeightQuantFn(torch.autograd.Function):
@@ -416,17 +410,10 @@ def quantize_weight(
 
 
 def quantize_activation(
-    x: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None,
-    relu: bool = False,
+    x: torch.Tensor, alpha: torch.Tensor, level_set: torch.Tensor | None, table: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """alpha * P(min(x / alpha, 1)) of a post-ReLU activation (see ``ActQuantFn``).
-
-    ``relu=True``: quantize relu(x) instead, with the values and gradients of
-    ``quantize_activation(torch.relu(x), ...)``; the fused CPU kernels do the ReLU in their own passes.
-    """
-    if relu and not fused.usable(x, table):
-        x, relu = torch.relu(x), False
-    return ActQuantFn.apply(x, alpha, level_set, table, relu)
+    """alpha * P(min(x / alpha, 1)) of a post-ReLU activation (see ``ActQuantFn``)."""
+    return ActQuantFn.apply(x, alpha, level_set, table)
 
 
 def quantize_8bit(w: torch.Tensor) -> torch.Tensor:

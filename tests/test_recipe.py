@@ -16,7 +16,7 @@ from torch import nn
 from apot.calibrate import calibrate_act_alphas, init_alphas, init_weight_alphas, mse_alpha, quant_layers
 from apot.config import DEFAULTS, ConfigError, load_config
 from apot.data import DeviceMNIST
-from apot.layers import QuantConv2d, relu_conv
+from apot.layers import QuantConv2d
 from apot.models import create_model
 from apot.optim import make_optimizer, make_scheduler
 from apot.quant import levels, quantize_weight, standardise
@@ -92,30 +92,6 @@ def test_activation_calibration_lands_on_target_and_is_deterministic(synthetic_m
     assert first == calibrated(0)  # same seed: the same batch, the same alphas, bit for bit
     assert first != calibrated(1)
     assert all(a != 8.0 for a in first)
-
-
-class _FoldedReLU(nn.Module):
-    """BN, then a conv that takes the ReLU in (`relu_conv`), as the ResNet blocks do."""
-
-    def __init__(self, bn: nn.Module, conv: QuantConv2d) -> None:
-        super().__init__()
-        self.bn, self.conv = bn, conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return relu_conv(self.conv, self.bn(x))
-
-
-def test_activation_calibration_sees_the_relu_a_conv_takes_in(one_thread: None) -> None:
-    """A conv that applies the ReLU itself is calibrated on relu(input), as if the ReLU were a module."""
-    images = torch.randn(64, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 5 + 3
-    alphas = []
-    for folded in (False, True):
-        torch.manual_seed(0)
-        bn, layer = nn.BatchNorm2d(4), QuantConv2d(4, 4, 3, padding=1, bit=2, power=True)
-        model = _FoldedReLU(bn, layer) if folded else nn.Sequential(bn, nn.ReLU(), layer)
-        alphas.append(calibrate_act_alphas(model, images))
-    assert alphas[0] == alphas[1]
-    assert alphas[0][0] == pytest.approx(integral_mse_alpha(2, False), abs=0.05)
 
 
 def test_weight_alphas_are_per_layer_mse_or_the_given_value(one_thread: None) -> None:

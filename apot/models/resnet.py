@@ -5,11 +5,8 @@ ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``, blocks' ``conv1/bn1/conv2/bn
 ``downsample.0/.1``, ``fc``), with the stem and the four stages ``width`` x {1, 2, 4, 8} channels wide.
 
 Quantization (``QuantConfig(bit, power)``): every conv inside the stages (downsample included) is a
-``QuantConv2d``; the stem conv and ``fc`` use 8-bit weights and a real-valued input. A ReLU inside a block
-feeds one conv only, so that conv applies it (``relu_conv``: a quantized conv folds it into its activation
-quantizer); the ReLUs after the residual additions are also the shortcuts' inputs and stay modules.
-``bit=32`` is the full-precision baseline: plain ``nn.Conv2d`` / ``nn.Linear`` everywhere, no quantization
-module at all.
+``QuantConv2d``; the stem conv and ``fc`` use 8-bit weights and a real-valued input. ``bit=32`` is the
+full-precision baseline: plain ``nn.Conv2d`` / ``nn.Linear`` everywhere, no quantization module at all.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apot.layers import Conv2d8bit, Linear8bit, QuantConv2d, relu_conv
+from apot.layers import Conv2d8bit, Linear8bit, QuantConv2d
 from apot.quant import QuantConfig
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet10", "resnet18", "resnet34", "resnet50"]
@@ -52,7 +49,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(relu_conv(self.conv2, self.bn1(self.conv1(x))))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
 
@@ -76,8 +74,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = relu_conv(self.conv2, self.bn1(self.conv1(x)))
-        out = self.bn3(relu_conv(self.conv3, self.bn2(out)))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
 

@@ -226,13 +226,27 @@ def trial_driver(config: dict[str, Any]) -> None:
         )
         trainer.fit()
     except Exception as exc:
-        previous = read_record(rec_path) or summarize(cfg, [])
-        if (experiment / STOP_MARKER).exists():
-            previous.update(state="INCOMPLETE")
-        else:
-            previous.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
-        write_json(previous, rec_path)
+        if record_failure(rec_path, cfg, exc, stopping=(experiment / STOP_MARKER).exists()) == "TERMINATED":
+            return  # the trial finished (its record is final) before the run around it failed or was stopped
         raise
+
+
+def record_failure(path: Path, cfg: TrainConfig, exc: BaseException, stopping: bool) -> str:
+    """The record at ``path`` after the trial's ``TorchTrainer`` raised ``exc``; its state.
+
+    A TERMINATED record is kept as it is: rank 0 wrote it after the last epoch, so the trial finished and
+    what raised came after (a stop of the sweep arriving as the trial ended tears its run down). Otherwise
+    the record says INCOMPLETE when the sweep is ``stopping`` (resumable, not a failure), else ERROR with the
+    error and its traceback."""
+    record = read_record(path) or summarize(cfg, [])
+    if record.get("state") == "TERMINATED" and not identity_changes(record["config"], asdict(cfg)):
+        return "TERMINATED"
+    if stopping:
+        record.update(state="INCOMPLETE")
+    else:
+        record.update(state="ERROR", error=_one_line(exc), traceback=traceback.format_exc()[-4000:])
+    write_json(record, path)
+    return record["state"]
 
 
 def trial_configs(points: list[dict[str, Any]], train: dict[str, Any], run: dict[str, Any]

@@ -776,3 +776,45 @@ def test_the_fp32_checkpoint_a_quantized_trial_starts_from(tmp_path: Path) -> No
     final.parent.mkdir(parents=True)
     final.write_bytes(b"x")
     assert fp32_checkpoint(tmp_path, point, cfg) == final
+
+
+def test_a_run_torn_down_after_its_trial_finished_keeps_the_finished_record(tmp_path: Path) -> None:
+    """The trial driver's TorchTrainer can raise after rank 0 wrote the TERMINATED record (a stop arriving
+    as the trial ends tears the run down): that record stands, so a resume does not start the trial again.
+    A record short of its last epoch becomes INCOMPLETE under a stop and ERROR (with the error) otherwise."""
+    from dataclasses import asdict
+
+    from apot.checkpoint import write_json
+    from apot.recipe import TrainConfig
+    from apot.sweep import read_record, record_failure, record_path
+    from apot.train import summarize
+
+    point = {"arch": "resnet10", "bit": 2, "power": False, "seed": 0}
+    cfg = TrainConfig(**point, epochs=2)
+    history = [{"epoch": e, "test_acc": 90.0 + e, "train_acc": 80.0, "epoch_s": 1.0} for e in (1, 2)]
+    path = record_path(tmp_path, point)
+    path.parent.mkdir(parents=True)
+
+    def failing(message: str) -> BaseException:
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as exc:
+            return exc
+
+    finished = summarize(cfg, history)
+    assert finished["state"] == "TERMINATED"
+    write_json(finished, path)
+    for stopping in (True, False):
+        assert record_failure(path, cfg, failing("torn down"), stopping=stopping) == "TERMINATED"
+        assert read_record(path) == finished
+
+    write_json({**summarize(cfg, history[:1]), "state": "RUNNING"}, path)
+    assert record_failure(path, cfg, failing("placement group removed"), stopping=True) == "INCOMPLETE"
+    assert read_record(path)["state"] == "INCOMPLETE" and read_record(path)["epochs_done"] == 1
+    assert record_failure(path, cfg, failing("worker died"), stopping=False) == "ERROR"
+    assert read_record(path)["error"] == "RuntimeError: worker died"
+
+    other = TrainConfig(**point, epochs=2, lr=0.1)  # a finished record of another setup is not this trial's
+    write_json(finished, path)
+    assert record_failure(path, other, failing("x"), stopping=True) == "INCOMPLETE"
+    assert read_record(path)["config"] == asdict(cfg)

@@ -52,6 +52,8 @@ __all__ = [
     "provenance_block",
     "quick_marker",
     "read_results",
+    "read_results_payload",
+    "records_of",
     "update_readme",
     "write_results",
 ]
@@ -159,12 +161,12 @@ def _cell_stats(records: list[dict[str, Any]]) -> tuple[float | None, float, int
     return statistics.fmean(accs), std, len(accs)
 
 
-def accuracy_cell(records: list[dict[str, Any]]) -> str:
+def accuracy_cell(records: list[dict[str, Any]], show_n: bool = False) -> str:
     """The Accuracy cell of one (arch, bit, quantizer) from its trials (one per seed).
 
-    ``99.52`` (one seed), ``99.41 ± 0.05 (n=3)`` (mean ± sample std), ``99.40 ± 0.03 (n=2; 1 of 3 failed)``
-    when some seeds did not finish, and only words when none did: ``failed``, ``missing``, ``1 failed,
-    2 running``.
+    ``99.52`` (one seed; ``99.52 (n=1)`` with ``show_n``, for a table whose other cells average several),
+    ``99.41 ± 0.05 (n=3)`` (mean ± sample std), ``99.40 ± 0.03 (n=2; 1 of 3 failed)`` when some seeds did
+    not finish, and only words when none did: ``failed``, ``missing``, ``1 failed, 2 running``.
     """
     if not records:
         return "missing"
@@ -184,6 +186,7 @@ def accuracy_cell(records: list[dict[str, Any]]) -> str:
     notes = []
     if n > 1:
         text += f" ± {std:.2f}"
+    if n > 1 or show_n:
         notes.append(f"n={n}")
     notes += [f"{counts[w]} of {len(records)} {w}" for w in words]
     return f"{text} ({'; '.join(notes)})" if notes else text
@@ -277,8 +280,8 @@ def quick_marker(provenance: dict[str, Any], records: list[dict[str, Any]] | Non
     return f"(quick run: {epochs} epochs on {images} — not comparable to the paper)"
 
 
-def provenance_block(provenance: dict[str, Any]) -> str:
-    """How the numbers were made: a QUICK RUN line if quick, a ``Made with:`` line, a ``Command:`` line."""
+def _made_with(provenance: dict[str, Any]) -> str:
+    """The ``Made with:`` parts of one provenance, joined: the labelled keys first, then other scalars."""
     parts = []
     for key, label in PROVENANCE_LABELS.items():
         value = provenance.get(key)
@@ -301,12 +304,31 @@ def provenance_block(provenance: dict[str, Any]) -> str:
     skip = {*PROVENANCE_LABELS, *PROVENANCE_HIDDEN, "quick", "command"}
     parts += [f"{k} {v}" for k, v in provenance.items()
               if k not in skip and v is not None and isinstance(v, (str, int, float, bool))]
+    return "; ".join(parts) if parts else "unknown"
+
+
+def provenance_block(provenance: dict[str, Any]) -> str:
+    """How the numbers were made: a QUICK RUN line if quick, a ``Made with:`` line, a ``Command:`` line; for
+    a report over several sweeps (``apot.combine``: ``sweeps``) one line per sweep after them, with the
+    trials it gave, its own provenance and the trials of it left out."""
     lines = []
     if provenance.get("quick"):
         lines.append("**QUICK RUN — a smoke test, not comparable to the paper.**")
-    lines.append(f"Made with: {'; '.join(parts) if parts else 'unknown'}.")
+    sweeps = provenance.get("sweeps") or []
+    made_with = _made_with(provenance)
+    if sweeps:
+        made_with += f"; {len(sweeps)} sweeps combined, each below"
+    lines.append(f"Made with: {made_with}.")
     if provenance.get("command"):
         lines.append(f"Command: `{provenance['command']}`")
+    for sweep in sweeps:
+        own = sweep.get("provenance") or {}
+        command = f" Command: `{own['command']}`" if own.get("command") else ""
+        lines.append(f"- `{sweep.get('name')}`, {sweep.get('trials')} trials used: {_made_with(own)}."
+                     f"{command}")
+        if sweep.get("left_out"):
+            lines.append(f"  Left out of `{sweep.get('name')}` (a sweep listed before it holds the point): "
+                         f"{', '.join(sweep['left_out'])}.")
     return "  \n".join(lines)
 
 
@@ -324,6 +346,7 @@ def markdown_tables(
     """
     cells = _cells(records, expected)
     rows = _row_keys(cells)
+    show_n = any(_cell_stats(group)[2] > 1 for group in cells.values())  # then every cell says its n
     quick = quick_marker(provenance, records)
     suffix = f" {quick}" if quick else ""
     out = [
@@ -344,7 +367,7 @@ def markdown_tables(
         if group is None:
             continue
         out.append(f"| {model_name(arch)} | {precision_cell(bit)} | {_hyper_params(group)} "
-                   f"| {accuracy_cell(group)} |")
+                   f"| {accuracy_cell(group, show_n)} |")
     out += [
         "",
         f"### Uniform (power=False){suffix}",
@@ -358,7 +381,7 @@ def markdown_tables(
             continue
         delta = NO_NUMBER if bit == FP32_BIT else delta_cell(group, cells.get((arch, bit, True), []))
         out.append(f"| {model_name(arch)} | {precision_cell(bit)} | {_hyper_params(group)} "
-                   f"| {accuracy_cell(group)} | {delta} |")
+                   f"| {accuracy_cell(group, show_n)} | {delta} |")
     return "\n".join(out) + "\n"
 
 
@@ -576,6 +599,13 @@ def read_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     Raises ``ReportError`` (one line naming the file) when it is absent, not JSON, or not apot results.
     """
+    payload = read_results_payload(out_dir)
+    return payload["records"], payload["provenance"]
+
+
+def read_results_payload(out_dir: Path) -> dict[str, Any]:
+    """``out_dir/results.json`` as written (``records``, ``provenance`` and, when known, ``expected``),
+    checked as `read_results` does."""
     path = Path(out_dir) / RESULTS_JSON
     try:
         payload = json.loads(path.read_text())
@@ -592,10 +622,10 @@ def read_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         missing = [k for k in ("arch", "bit", "power", "state") if not isinstance(r, dict) or k not in r]
         if missing:
             raise ReportError(f"{path}: record {i} is not a trial record (missing {', '.join(missing)})")
-    return records, provenance
+    return payload
 
 
-def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(records, provenance)`` of an experiment folder or its results.json; a sweep still running (no
     results.json yet) is read from its ``records/*.json``, with an empty provenance."""
     path = Path(path)
@@ -626,7 +656,7 @@ def load_results(path: Path | str) -> pd.DataFrame:
     """
     import pandas as pd  # comes with ray[tune]
 
-    records, provenance = _records_of(Path(path))
+    records, provenance = records_of(Path(path))
     df = pd.read_csv(io.StringIO(csv_text(records)))  # exactly results.csv's columns and values
     df.attrs["provenance"] = provenance
     return df
@@ -638,7 +668,7 @@ def load_history(path: Path | str) -> pd.DataFrame:
     ``load_results``; ``df.attrs["provenance"]`` likewise."""
     import pandas as pd
 
-    records, provenance = _records_of(Path(path))
+    records, provenance = records_of(Path(path))
     rows = [{"arch": r["arch"], "bit": r["bit"], "quantizer": quantizer_name(r["power"]),
              "seed": r.get("seed"), "state": r["state"], **h}
             for r in records for h in r.get("history") or []]

@@ -118,18 +118,19 @@ def test_precision_and_hyper_params_cells() -> None:
 
 # ------------------------------------------------------------------------------------------ tables
 def test_apot_table_rows_exact() -> None:
+    """Beside cells that average several seeds every cell says its n, one seed included."""
     md = markdown_tables(RECORDS, PROVENANCE, expected=EXPECTED)
     mean, std = statistics.fmean(APOT34), statistics.stdev(APOT34)
     m50, s50 = statistics.fmean([99.20, 99.30]), statistics.stdev([99.20, 99.30])
     assert table(md, "### APoT") == [
-        "| ResNet-18 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.52 |",
-        "| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.50 |",
-        "| ResNet-18 | 3-bit | batch64_lr0.05_wd0.0005_3epoch | 99.10 |",
+        "| ResNet-18 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.52 (n=1) |",
+        "| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.50 (n=1) |",
+        "| ResNet-18 | 3-bit | batch64_lr0.05_wd0.0005_3epoch | 99.10 (n=1) |",
         f"| ResNet-34 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | {mean:.2f} ± {std:.2f} (n=3) |",
-        "| ResNet-50 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.60 |",
+        "| ResNet-50 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.60 (n=1) |",
         f"| ResNet-50 | 3-bit | batch128_lr0.01_wd0.0001_25epoch | {m50:.2f} ± {s50:.2f} "
         "(n=2; 1 of 3 failed) |",
-        "| ResNet-50 | 2-bit | batch128_lr0.01_wd0.0001_25epoch | 98.76 |",
+        "| ResNet-50 | 2-bit | batch128_lr0.01_wd0.0001_25epoch | 98.76 (n=1) |",
     ]
     assert "| ResNet-34 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.42 ± 0.05 (n=3) |" in md  # by hand
     assert "| Model | Precision | Hyper-Params | Accuracy |" in lines_of(md)
@@ -140,9 +141,9 @@ def test_uniform_table_rows_and_delta() -> None:
     d34 = round(statistics.fmean(UNI34), 2) - round(statistics.fmean(APOT34), 2)
     m, s = statistics.fmean(UNI34), statistics.stdev(UNI34)
     assert table(md, "### Uniform") == [
-        f"| ResNet-18 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.40 | {sign(99.40 - 99.52)} |",
-        "| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.50 | +0.00 |",
-        f"| ResNet-18 | 3-bit | batch64_lr0.05_wd0.0005_3epoch | 99.35 | {sign(99.35 - 99.10)} |",
+        f"| ResNet-18 | 5-bit | batch128_lr0.01_wd0.0001_25epoch | 99.40 (n=1) | {sign(99.40 - 99.52)} |",
+        "| ResNet-18 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | 99.50 (n=1) | +0.00 |",
+        f"| ResNet-18 | 3-bit | batch64_lr0.05_wd0.0005_3epoch | 99.35 (n=1) | {sign(99.35 - 99.10)} |",
         f"| ResNet-34 | 4-bit | batch128_lr0.01_wd0.0001_25epoch | {m:.2f} ± {s:.2f} (n=3) | {sign(d34)} |",
         "| ResNet-50 | 5-bit | — | missing | — |",
         "| ResNet-50 | 3-bit | batch128_lr0.01_wd0.0001_25epoch | running | — |",

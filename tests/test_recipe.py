@@ -274,7 +274,7 @@ def test_fp32_is_one_trial_per_arch_and_seed_and_a_row_in_both_tables() -> None:
     row = re.compile(r"^\| ResNet-18 \| FP32 \| .* \| 99.65 ± 0.07 \(n=2\) \|", re.M)
     assert row.search(apot_table) and row.search(uniform_table)
     assert re.search(r"^\| ResNet-18 \| FP32 \| .* \| — \|$", uniform_table, re.M)  # no APoT delta
-    assert re.search(r"^\| ResNet-18 \| 2-bit \| .* \| 98.50 \| -0.50 \|$", uniform_table, re.M)
+    assert re.search(r"^\| ResNet-18 \| 2-bit \| .* \| 98.50 \(n=1\) \| -0.50 \|$", uniform_table, re.M)
 
 
 def test_tune_space_holds_each_point_once() -> None:

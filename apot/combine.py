@@ -24,10 +24,9 @@ from typing import Any
 
 from apot import provenance as code_provenance
 from apot import report
+from apot.config import GRID_KEYS
 from apot.errors import exit_with_error
-from apot.recipe import NOT_TRAIN_KEYS, identity_changes, quantizer_name
-
-GRID_KEYS = ("arch", "bit", "power", "seed")
+from apot.recipe import FP32_BIT, NOT_TRAIN_KEYS, identity_changes, quantizer_name
 
 
 class CombineError(ValueError):
@@ -40,7 +39,7 @@ def point_of(record: dict[str, Any]) -> tuple[Any, ...]:
 
 def point_label(point: tuple[Any, ...]) -> str:
     arch, bit, power, seed = point
-    kind = "FP32" if bit == report.FP32_BIT else f"{bit}-bit {quantizer_name(power)}"
+    kind = "FP32" if bit == FP32_BIT else f"{bit}-bit {quantizer_name(power)}"
     return f"{arch} {kind} s{seed}"
 
 
@@ -100,7 +99,7 @@ def _check_one_setup_per_cell(chosen: dict[tuple[Any, ...], tuple[str, dict[str,
     for (arch, bit, power, _), (name, record) in chosen.items():
         if not record.get("config"):
             continue
-        cell = (arch, bit, None if bit == report.FP32_BIT else power)
+        cell = (arch, bit, None if bit == FP32_BIT else power)
         if cell not in first:
             first[cell] = (name, record)
             continue

@@ -113,6 +113,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def finished(record: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """True when ``record`` says the trial of ``cfg`` (the same training setup) finished: it is final."""
+    return bool(record) and record.get("state") == "TERMINATED" and not identity_changes(record["config"],
+                                                                                          asdict(cfg))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
@@ -195,7 +201,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     rec_path = record_path(experiment, point)
 
     done = read_record(rec_path)
-    if done and done["state"] == "TERMINATED" and not identity_changes(done["config"], asdict(cfg)):
+    if finished(done, cfg):
         ray.tune.report({**done["history"][-1], FROM_RECORD: True})  # finished before a stop: not again
         return
     try:  # from here on, a failure leaves a record that says why (also one before training started)
@@ -238,9 +244,10 @@ def record_failure(path: Path, cfg: TrainConfig, exc: BaseException, stopping: b
     what raised came after (a stop of the sweep arriving as the trial ended tears its run down). Otherwise
     the record says INCOMPLETE when the sweep is ``stopping`` (resumable, not a failure), else ERROR with the
     error and its traceback."""
-    record = read_record(path) or summarize(cfg, [])
-    if record.get("state") == "TERMINATED" and not identity_changes(record["config"], asdict(cfg)):
+    record = read_record(path)
+    if finished(record, cfg):
         return "TERMINATED"
+    record = record or summarize(cfg, [])
     if stopping:
         record.update(state="INCOMPLETE")
     else:

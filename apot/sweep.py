@@ -193,6 +193,8 @@ def trial_driver(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from apot.rendezvous import NodeLocalTorchConfig
+
     started = time.time()
     point = grid_point(config)
     run = config["run"]
@@ -214,6 +216,7 @@ def trial_driver(config: dict[str, Any]) -> None:
                                "driver_started_at": started, "experiment_path": str(experiment),
                                "init_checkpoint": init_checkpoint, "cpus_per_worker": run["cpus_per_worker"],
                                "compile_cache": str(experiment / COMPILE_CACHE)},  # shared by all trials
+            torch_config=NodeLocalTorchConfig(),  # no listening port when the ranks share a node
             scaling_config=ray.train.ScalingConfig(
                 num_workers=run["workers_per_trial"],
                 use_gpu=run["gpus_per_worker"] > 0,

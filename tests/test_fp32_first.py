@@ -135,16 +135,17 @@ def test_quantized_trials_of_a_failed_fp32_trial_get_an_error_record(
                                        f"resnet10_b2_{power}_s0 was not started")
 
 
-def test_killed_fp32_worker_is_retried_and_its_quantized_trials_then_train(synthetic_mnist_root: Path,
+def test_killed_fp32_worker_is_retried_and_its_quantized_trial_then_trains(synthetic_mnist_root: Path,
                                                                             tmp_path: Path) -> None:
-    """Issue 18's reproduction: FP32 plus 2-bit APoT and uniform, max_retries 2; the FP32 trial's training
-    worker is SIGKILLed once, mid-trial (as an out-of-memory kill would). The FP32 retry finishes from its
-    checkpoint, then both quantized trials train from it and finish: exit 0."""
+    """Issue 18's reproduction: FP32 plus 2-bit APoT, max_retries 2; the FP32 trial's training worker is
+    SIGKILLed once, mid-trial (as an out-of-memory kill would). The FP32 retry finishes from its checkpoint,
+    then the quantized trial trains from it and finishes: exit 0."""
     from test_sweep import kill_rank_after_epoch1
 
     cmd = [sys.executable, "tune_sweep.py", "--data-dir", str(synthetic_mnist_root), "--storage",
            str(tmp_path), "--display", "plain", "--set", "grid.arch=[resnet10]", "--set", "grid.bit=[32,2]",
-           "--set", "train.init_from=fp32", "--set", "train.epochs=2", "--set", "train.width=8",
+           "--set", "grid.power=[true]", "--set", "train.init_from=fp32", "--set", "train.epochs=2",
+           "--set", "train.width=8",
            # batch 16: 64 steps an epoch, so epoch 2 leaves seconds to kill the worker mid-training
            "--set", "train.batch_size=16", "--set", "max_retries=2",
            "--set", "resources.workers_per_trial=1"]
@@ -158,9 +159,8 @@ def test_killed_fp32_worker_is_retried_and_its_quantized_trials_then_train(synth
     assert fp32["state"] == "TERMINATED" and fp32["resumed_from_epoch"] == last < 2
     assert fp32["epochs_trained"] == list(range(last + 1, 3))
     final = experiment / "train" / "resnet10_fp32_s0" / "checkpoint_epoch002" / "checkpoint.pt"
-    for power in ("apot", "uniform"):
-        rec = json.loads((experiment / "records" / f"resnet10_b2_{power}_s0.json").read_text())
-        assert rec["state"] == "TERMINATED" and rec["epochs_trained"] == [1, 2], rec.get("error")
-        assert rec["init_checkpoint"] == str(final)
-        # Inductor's compile workers sized to the trial's CPUs (auto: 1 per rank), not the machine's cores
-        assert rec["compile_workers"] == 1
+    rec = json.loads((experiment / "records" / "resnet10_b2_apot_s0.json").read_text())
+    assert rec["state"] == "TERMINATED" and rec["epochs_trained"] == [1, 2], rec.get("error")
+    assert rec["init_checkpoint"] == str(final)
+    # Inductor's compile workers sized to the trial's CPUs (auto: 1 per rank), not the machine's cores
+    assert rec["compile_workers"] == 1

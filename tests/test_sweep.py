@@ -35,6 +35,11 @@ def sweep_cmd(data: Path, storage: Path, *extra: str) -> list[str]:
             "--display", "plain", *TINY, *extra]
 
 
+def finished_cmd(data: Path, storage: Path, *extra: str) -> list[str]:
+    """The command of the `finished_sweep` fixture (2-bit APoT and uniform), with ``extra`` after it."""
+    return sweep_cmd(data, storage, "--set", "grid.bit=[2]", *extra)
+
+
 def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", SECRET[0]: SECRET[1]}
     return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -49,9 +54,9 @@ def rows(table_md: str, heading: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist_root: Path) -> Path:
-    """A 2x2 grid (bits 4, 2 x APoT, uniform), 2 DDP workers per trial on CPU, run to completion."""
+    """2-bit APoT and uniform, 2 DDP workers per trial on CPU, run to completion."""
     storage = tmp_path_factory.mktemp("sweep")
-    r = run_sweep(*sweep_cmd(synthetic_mnist_root, storage, "--set", "resources.workers_per_trial=2"))
+    r = run_sweep(*finished_cmd(synthetic_mnist_root, storage, "--set", "resources.workers_per_trial=2"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stdout
     (storage / "stdout.txt").write_text(r.stdout)
@@ -70,7 +75,7 @@ def test_sweep_runs_on_a_private_ray_and_loads_checkpoints_safely(finished_sweep
     root = private_ray_dir(stdout)
     assert root.name.startswith("apot-ray-") and not root.exists()  # removed after a sweep that ended well
     checkpoints = sorted((finished_sweep / "train").glob("*/checkpoint_epoch*/checkpoint.pt"))
-    assert len(checkpoints) == 8
+    assert len(checkpoints) == 4
     for path in checkpoints:  # tensors and plain data only: nothing in them can run code when loaded
         state = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
@@ -78,8 +83,7 @@ def test_sweep_runs_on_a_private_ray_and_loads_checkpoints_safely(finished_sweep
 
 def test_sweep_writes_records_tables_csv_png(finished_sweep: Path) -> None:
     records = {p.stem: json.loads(p.read_text()) for p in (finished_sweep / "records").glob("*.json")}
-    assert sorted(records) == ["resnet10_b2_apot_s0", "resnet10_b2_uniform_s0", "resnet10_b4_apot_s0",
-                               "resnet10_b4_uniform_s0"]
+    assert sorted(records) == ["resnet10_b2_apot_s0", "resnet10_b2_uniform_s0"]
     for rec in records.values():
         assert rec["state"] == "TERMINATED" and rec["epochs_done"] == 2
         assert rec["final_test_acc"] == rec["history"][-1]["test_acc"]
@@ -92,9 +96,8 @@ def test_sweep_writes_records_tables_csv_png(finished_sweep: Path) -> None:
     tables = (finished_sweep / "tables.md").read_text()
     apot = rows(tables, "### APoT")
     uniform = rows(tables, "### Uniform")
-    assert [r[:3] for r in apot] == [["ResNet-10", "4-bit", "batch64_lr0.01_wd0.0001_2epoch"],
-                                    ["ResNet-10", "2-bit", "batch64_lr0.01_wd0.0001_2epoch"]]
-    for bit, a_row, u_row in zip((4, 2), apot, uniform, strict=True):
+    assert [r[:3] for r in apot] == [["ResNet-10", "2-bit", "batch64_lr0.01_wd0.0001_2epoch"]]
+    for bit, a_row, u_row in zip((2,), apot, uniform, strict=True):
         a = records[f"resnet10_b{bit}_apot_s0"]["final_test_acc"]
         u = records[f"resnet10_b{bit}_uniform_s0"]["final_test_acc"]
         assert a_row[3] == f"{a:.2f}" and u_row[3] == f"{u:.2f}"
@@ -102,7 +105,7 @@ def test_sweep_writes_records_tables_csv_png(finished_sweep: Path) -> None:
 
     with open(finished_sweep / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 4 and {r["state"] for r in csv_rows} == {"TERMINATED"}
+    assert len(csv_rows) == 2 and {r["state"] for r in csv_rows} == {"TERMINATED"}
     assert all(float(r["size_kb"]) > 0 and float(r["compression"]) > 1 for r in csv_rows)
     assert (finished_sweep / "accuracy_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((finished_sweep / "results.json").read_text())["provenance"]["epochs"] == 2
@@ -131,7 +134,7 @@ def test_finished_trials_are_exported(finished_sweep: Path) -> None:
 def test_report_only_reproduces_the_tables(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
     before = {n: (finished_sweep / n).read_bytes() for n in ("tables.md", "results.csv")}
     (finished_sweep / "tables.md").unlink()
-    r = run_sweep(*sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--report-only"), timeout=120)
+    r = run_sweep(*finished_cmd(synthetic_mnist_root, finished_sweep.parent, "--report-only"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert {n: (finished_sweep / n).read_bytes() for n in before} == before
 
@@ -149,7 +152,7 @@ def test_update_readme_writes_the_sweeps_tables_between_the_markers(finished_swe
     readme = tmp_path / "README.md"
     readme.write_text(f"{head}{README_START}\nold tables\n{README_END}{tail}")
     cmd = [sys.executable, str(tmp_path / "tune_sweep.py"), "--config", str(REPO / "search_space.yaml"),
-           "--report-only", "--update-readme", *sweep_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
+           "--report-only", "--update-readme", *finished_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -160,11 +163,11 @@ def test_update_readme_writes_the_sweeps_tables_between_the_markers(finished_swe
     assert "old tables" not in inside and tables in inside
     stored = json.loads((finished_sweep / "results.json").read_text())["provenance"]["command"]
     assert f"Command: `{stored}`" in inside  # how the numbers were made, not this --report-only call
-    assert len(rows(inside, "### APoT")) == 2 and len(rows(inside, "### Uniform")) == 2
+    assert len(rows(inside, "### APoT")) == 1 and len(rows(inside, "### Uniform")) == 1
 
 
 def test_existing_sweep_needs_resume(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
-    r = run_sweep(*sweep_cmd(synthetic_mnist_root, finished_sweep.parent), timeout=120)
+    r = run_sweep(*finished_cmd(synthetic_mnist_root, finished_sweep.parent), timeout=120)
     assert r.returncode == 2 and "pass --resume" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -231,11 +234,11 @@ def test_bad_storage_and_resume_paths_are_one_line(synthetic_mnist_root: Path, t
 
 def test_resume_refuses_a_grid_that_loses_trials(finished_sweep: Path, synthetic_mnist_root: Path) -> None:
     before = (finished_sweep / "sweep_config.json").read_bytes()
-    cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[4]", "--resume")
+    cmd = finished_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[4]", "--resume")
     _one_line_error(run_sweep(*cmd, timeout=120),
                     r"--resume: the grid of the sweep stored at .* may grow but not lose trials; "
                     r"this one drops resnet10_b2_apot_s0")
-    cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[4,2,3]",
+    cmd = finished_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "grid.bit=[2,3]",
                     "--set", "train.epochs=3", "--resume")  # a grown grid, but another training setup
     _one_line_error(run_sweep(*cmd, timeout=120),
                     r"--resume: the training setup differs from the sweep stored at .*: "
@@ -245,7 +248,7 @@ def test_resume_refuses_a_grid_that_loses_trials(finished_sweep: Path, synthetic
 
 def test_resume_with_a_grown_grid_trains_only_the_new_trials(finished_sweep: Path, synthetic_mnist_root: Path,
                                                               tmp_path: Path) -> None:
-    """Add bit 3 (APoT and uniform) to the finished 2x2 sweep: the 4 finished trials are reported, not
+    """Add bit 3 (APoT and uniform) to the finished 2-bit sweep: the 2 finished trials are reported, not
     trained again (also when stored before settings were removed); the 2 new ones train; the stored config
     and the results now hold the grown grid."""
     experiment = tmp_path / finished_sweep.name
@@ -256,7 +259,7 @@ def test_resume_with_a_grown_grid_trains_only_the_new_trials(finished_sweep: Pat
         (data["config"] if "config" in data else data["train"]).update(distill=0.0, label_smoothing=0.0)
         path.write_text(json.dumps(data))
     records = {p.name: p.read_bytes() for p in (experiment / "records").glob("*.json")}
-    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[4,2,3]", "--resume"))
+    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--set", "grid.bit=[2,3]", "--resume"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resume: the grid grew by 2 trials (resnet10_b3_apot_s0, resnet10_b3_uniform_s0)" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
@@ -265,10 +268,9 @@ def test_resume_with_a_grown_grid_trains_only_the_new_trials(finished_sweep: Pat
     for name in ("resnet10_b3_apot_s0", "resnet10_b3_uniform_s0"):
         rec = json.loads((experiment / "records" / f"{name}.json").read_text())
         assert rec["state"] == "TERMINATED" and rec["epochs_trained"] == [1, 2], name
-    assert json.loads((experiment / "sweep_config.json").read_text())["grid"]["bit"] == [4, 2, 3]
+    assert json.loads((experiment / "sweep_config.json").read_text())["grid"]["bit"] == [2, 3]
     results = json.loads((experiment / "results.json").read_text())["records"]
-    assert sorted((r["bit"], r["power"]) for r in results) == \
-        [(2, False), (2, True), (3, False), (3, True), (4, False), (4, True)]
+    assert sorted((r["bit"], r["power"]) for r in results) == [(2, False), (2, True), (3, False), (3, True)]
 
 
 def test_resume_without_tunes_state_keeps_finished_trials(finished_sweep: Path, synthetic_mnist_root: Path,
@@ -286,14 +288,14 @@ def test_resume_without_tunes_state_keeps_finished_trials(finished_sweep: Path, 
     unfinished.write_text(json.dumps({**rec, "state": "RUNNING"}))  # its checkpoint_epoch002 is still there
     finished = {p.name: p.read_bytes() for p in records[1:]}
 
-    r = run_sweep(*sweep_cmd(synthetic_mnist_root, tmp_path, "--resume"))
+    r = run_sweep(*finished_cmd(synthetic_mnist_root, tmp_path, "--resume"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr and "Failed to restore" not in r.stdout + r.stderr
     assert {p.name: p.read_bytes() for p in records[1:]} == finished  # not trained again, not rewritten
     rec = json.loads(unfinished.read_text())
     assert rec["state"] == "TERMINATED" and rec["resumed_from_epoch"] == 2 and rec["epochs_trained"] == []
     results = json.loads((experiment / "results.json").read_text())["records"]
-    assert len(results) == 4 and {r["state"] for r in results} == {"TERMINATED"}
+    assert len(results) == 2 and {r["state"] for r in results} == {"TERMINATED"}
 
 
 def registered_epochs(train_dir: Path) -> list[int]:
@@ -672,7 +674,7 @@ def test_results_record_provenance_and_no_secret(finished_sweep: Path, synthetic
     assert (prov["python"], prov["torch"], prov["ray"]) == (platform.python_version(), torch.__version__,
                                                             ray.__version__)
     assert prov["gpu_count"] == torch.cuda.device_count()
-    cmd = sweep_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "resources.workers_per_trial=2")
+    cmd = finished_cmd(synthetic_mnist_root, finished_sweep.parent, "--set", "resources.workers_per_trial=2")
     assert prov["command"] == "python " + shlex.join(cmd[1:])
     made_with = (finished_sweep / "tables.md").read_text().split("Made with: ", 1)[1].split("\n", 1)[0]
     code = f"code apot {apot.__version__}, " + (f"git {commit[:12]}" if commit else "not a git checkout")
@@ -694,7 +696,7 @@ def test_ray_tools_and_load_results_agree_with_results_csv(finished_sweep: Path)
     with open(finished_sweep / "results.csv") as f:
         csv_acc = {(r["arch"], int(r["bit"]), r["quantizer"] == "apot", int(r["seed"])):
                    float(r["final_test_acc"]) for r in csv.DictReader(f)}
-    assert len(csv_acc) == 4
+    assert len(csv_acc) == 2
 
     analysis = ExperimentAnalysis(str(finished_sweep))
     df = analysis.dataframe()
@@ -712,7 +714,7 @@ def test_ray_tools_and_load_results_agree_with_results_csv(finished_sweep: Path)
     assert {(r.arch, r.bit, r.quantizer == "apot", r.seed): r.final_test_acc
             for r in ours.itertuples()} == csv_acc
     history = load_history(finished_sweep)
-    assert len(history) == 4 * 2 and set(history["epoch"]) == {1, 2}
+    assert len(history) == 2 * 2 and set(history["epoch"]) == {1, 2}
 
 
 def _apot_sweep() -> Path:
@@ -727,7 +729,7 @@ def test_report_only_outside_the_checkout(finished_sweep: Path, synthetic_mnist_
     command = [str(_apot_sweep())] if installed else [sys.executable, str(REPO / "tune_sweep.py")]
     before = {n: (finished_sweep / n).read_bytes() for n in ("tables.md", "results.csv")}
     (finished_sweep / "learning_curves.png").unlink()
-    cmd = [*command, "--report-only", *sweep_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
+    cmd = [*command, "--report-only", *finished_cmd(synthetic_mnist_root, finished_sweep.parent)[2:]]
     env = os.environ if installed else {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,7 +12,7 @@ Ray packs onto one machine, nothing needs the network:
 
 A trial whose ranks span nodes cannot rendezvous on one node's disk: it uses Ray Train's own TCP rendezvous
 (the store on rank 0's node address, unauthenticated, as torch has it). Such a sweep needs a cluster
-network that only its users reach; docs/SLURM.md says so.
+network that only its users reach; slurm/README.md (Security) says so.
 """
 
 from __future__ import annotations

@@ -14,25 +14,22 @@ Variants of one model (seed 0, the eager step of ``apot.step.build_step``, a fix
 
 The steps of ``no-*`` are not training steps of any model worth training; they bound what a faster weight or
 activation path could save: quant - no-wq is all the weight path costs in the step, quant - no-aq all the
-activation path costs. Every variant is stepped once per round, the rounds interleaved and rotated (as
-bench_step.py does), and the median per variant printed with its ratio to FP32.
+activation path costs. The steps are bench_step.py's (``Step``), timed by its ``measure``: one step per
+variant a round, the rounds interleaved and rotated; the median per variant is printed with its ratio to FP32.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_step import Step, measure  # run as `python bench/ablate_quantizers.py`: bench/ is on sys.path
 
 from apot.layers import QuantConv2d
-from apot.models import create_model
 from apot.provenance import cpu_model
-from apot.step import build_step
 
 
 def _raw_weight(conv: QuantConv2d) -> None:
@@ -55,26 +52,15 @@ VARIANTS: dict[str, tuple[bool, tuple[Callable[[QuantConv2d], None], ...]]] = {
 }
 
 
-def make_step(arch: str, bit: int, power: bool, quantized: bool, patches, batch: int,
-              width: int) -> Callable[[], float]:
-    """Seconds of one training step of this variant, as a function."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    torch.manual_seed(0)
-    model = create_model(arch, bit=bit if quantized else 32, power=power, width=width)
-    for module in model.modules():
+def variant_step(arch: str, variant: str, args: argparse.Namespace) -> Step:
+    """The eager ``Step`` of ``arch``, its quantized convs patched as ``variant``."""
+    quantized, patches = VARIANTS[variant]
+    step = Step(arch, args.bit if quantized else 32, args.quantizer == "apot", "eager", args)
+    for module in step.step.net.modules():
         if isinstance(module, QuantConv2d) and not module.config.full_precision:
             for patch in patches:
                 patch(module)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    step = build_step(model, opt, F.cross_entropy, mode="eager", device=torch.device("cpu"))
-
-    def timed() -> float:
-        start = time.perf_counter()
-        step(x, y)
-        return time.perf_counter() - start
-    return timed
+    return step
 
 
 def main() -> None:
@@ -87,27 +73,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
+    p.set_defaults(device="cpu")  # the CPU step only (what bench_step.Step reads)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    steps = {(arch, name): make_step(arch, args.bit, args.quantizer == "apot", quantized, patches, args.batch,
-                                     args.width)
-             for arch in args.archs for name, (quantized, patches) in VARIANTS.items()}
-    keys = list(steps)
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
-    for r in range(args.warmup + args.rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            seconds = steps[key]()
-            if r >= args.warmup:
-                times[key].append(seconds)
+    steps = {(arch, name): variant_step(arch, name, args) for arch in args.archs for name in VARIANTS}
+    medians = measure(steps, args.rounds, args.warmup)
     print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s); {args.bit}-bit "
           f"{args.quantizer}, width {args.width}, batch {args.batch}; median of {args.rounds} interleaved "
           "rounds\n")
     print("| arch | variant | ms/step | ratio vs FP32 |\n|---|---|---:|---:|")
     for arch in args.archs:
-        fp32 = statistics.median(times[(arch, "fp32")])
         for name in VARIANTS:
-            med = statistics.median(times[(arch, name)])
-            print(f"| {arch} | {name} | {med * 1e3:.1f} | {med / fp32:.3f} |")
+            med = medians[(arch, name)]
+            print(f"| {arch} | {name} | {med * 1e3:.1f} | {med / medians[(arch, 'fp32')]:.3f} |")
 
 
 if __name__ == "__main__":

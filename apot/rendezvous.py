@@ -51,10 +51,11 @@ class NodeLocalTorchConfig(TorchConfig):
 class _NodeLocalBackend(_TorchBackend):
     """Forms the process group through a private ``FileStore`` when every worker is on one node."""
 
+    _store_dir: str | None = None  # the FileStore's folder on rank 0's node while a group uses one
+
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
         nodes = worker_group.execute(_node_id)
         if len(set(nodes)) > 1:
-            self._store_dir = None
             super().on_start(worker_group, backend_config)  # ranks on several nodes: torch's TCP store
             return
         backend = backend_config.backend or (
@@ -79,7 +80,7 @@ class _NodeLocalBackend(_TorchBackend):
             self._remove_store_dir(worker_group)
 
     def _remove_store_dir(self, worker_group) -> None:
-        store_dir, self._store_dir = getattr(self, "_store_dir", None), None
+        store_dir, self._store_dir = self._store_dir, None
         if store_dir:
             worker_group.execute_single(0, shutil.rmtree, store_dir, ignore_errors=True)
 
